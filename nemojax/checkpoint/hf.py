@@ -1,0 +1,128 @@
+"""Reading Hugging Face Hub checkpoints (config.json + safetensors) with the safetensors numpy API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator
+
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which the safetensors numpy API needs)
+import numpy as np
+from safetensors import safe_open
+
+from nemojax.checkpoint.hf_names import UNSUPPORTED_PREFIXES, Entry, hf_table
+from nemojax.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match what its config describes."""
+
+
+class SafetensorsCheckpoint(contextlib.AbstractContextManager):
+    """The tensors of one Hub checkpoint directory (single file or index + shards), opened lazily."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(path, SINGLE_FILE)):
+            weight_map = {}
+            with safe_open(os.path.join(path, SINGLE_FILE), framework="numpy") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+        self.file_of = weight_map
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, name: str):
+        file = self.file_of[name]
+        if file not in self._handles:
+            full = os.path.join(self.path, file)
+            if not os.path.exists(full):
+                raise CheckpointError(f"{full}: shard listed in {INDEX_FILE} (for tensor {name}) does not exist")
+            self._handles[file] = safe_open(full, framework="numpy")
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def __exit__(self, *exc) -> None:
+        self._handles.clear()
+
+
+def read_config(path: str, **overrides: Any) -> ModelConfig:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise CheckpointError(f"{config_file}: not found (is {path} a Hugging Face checkpoint directory?)")
+    with open(config_file) as f:
+        hf = json.load(f)
+    checkpoint_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    overrides.setdefault("param_dtype", checkpoint_dtype)
+    overrides.setdefault("dtype", overrides["param_dtype"])
+    return ModelConfig.from_hf(hf, **overrides)
+
+
+def check_tensors(ckpt: SafetensorsCheckpoint, table: list[Entry]) -> None:
+    """One error listing every missing, unexpected, unsupported or mis-shaped tensor."""
+    expected = {name: shape for entry in table for name, shape in entry.hf}
+    found = set(ckpt.names())
+    problems = []
+    for name in sorted(expected.keys() - found):
+        problems.append(f"  missing:     {name} (expected shape {expected[name]})")
+    for name in sorted(found - expected.keys()):
+        reason = next((why for prefix, why in UNSUPPORTED_PREFIXES.items() if name.startswith(prefix)), None)
+        if reason:
+            problems.append(f"  unsupported: {name} [{ckpt.file_of[name]}]: {reason}")
+        else:
+            problems.append(f"  unexpected:  {name} [{ckpt.file_of[name]}] shape {ckpt.shape(name)}")
+    for name in sorted(expected.keys() & found):
+        if ckpt.shape(name) != expected[name]:
+            problems.append(f"  mis-shaped:  {name} [{ckpt.file_of[name]}]: expected {expected[name]}, "
+                            f"found {ckpt.shape(name)}")
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: checkpoint does not match its config.json "
+                              f"({len(problems)} problems):\n" + "\n".join(problems))
+
+
+def iter_params(ckpt: SafetensorsCheckpoint, table: list[Entry]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(parameter path, numpy value) for every nemojax parameter, one table entry at a time."""
+    for entry in table:
+        values = entry.to_ours([ckpt.read(name) for name, _ in entry.hf])
+        for (path, _), value in zip(entry.ours, values):
+            yield path, value
+
+
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """Read a Hub checkpoint directory into (ModelConfig, params) for `NemotronH(cfg).apply`.
+
+    Parameters are stored in the checkpoint's dtype unless `param_dtype=` says otherwise; the
+    e_score_correction_bias buffers stay float32 as in transformers.
+    """
+    cfg = read_config(path, **config_overrides)
+    table = hf_table(cfg)
+    params: dict = {}
+    with SafetensorsCheckpoint(path) as ckpt:
+        check_tensors(ckpt, table)
+        for param_path, value in iter_params(ckpt, table):
+            dtype = jnp.float32 if param_path[-1] == "e_score_correction_bias" else jnp.dtype(cfg.param_dtype)
+            set_path(params, param_path, jnp.asarray(value, dtype=dtype))
+    return cfg, params

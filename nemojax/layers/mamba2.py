@@ -1,0 +1,82 @@
+"""The Mamba-2 mixer: in-projections, causal conv + SiLU, SSD scan, gated norm, out-projection.
+
+The input projection is kept as five weights (z, x, B, C, dt) rather than HF's one fused `in_proj`,
+so tensor parallelism shards each along heads or groups; the checkpoint loader splits HF's tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from nemojax.config import ModelConfig
+from nemojax.layers.common import dense, normal, param
+from nemojax.layers.norms import GatedGroupRMSNorm
+from nemojax.ops.conv import causal_conv1d
+from nemojax.ops.ssd import ssd_chunked
+
+
+def _a_log_init(key, shape, dtype):
+    del key
+    return jnp.log(jnp.arange(1, shape[0] + 1, dtype=jnp.float32)).astype(dtype)
+
+
+def _dt_bias_init(cfg: ModelConfig):
+    """Inverse softplus of dt drawn log-uniformly in [time_step_min, time_step_max] (Mamba-2's init)."""
+    def init(key, shape, dtype):
+        lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+        dt = jnp.exp(jax.random.uniform(key, shape) * (hi - lo) + lo)
+        dt = jnp.maximum(dt, cfg.time_step_floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+    return init
+
+
+def _conv_init(width: int):
+    bound = 1.0 / math.sqrt(width)  # PyTorch's Conv1d default for a depthwise filter
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Mamba2Mixer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        cfg = self.cfg
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        d, h, p, g, n, k = (cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups,
+                            cfg.ssm_state_size, cfg.conv_kernel)
+        init = normal(cfg.initializer_range)
+        heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
+
+        z = dense(u, param(self, "in_z", init, (d, h, p), ("embed", *heads), pdt), "bld,dhp->blhp", cdt)
+        x = dense(u, param(self, "in_x", init, (d, h, p), ("embed", *heads), pdt), "bld,dhp->blhp", cdt)
+        B = dense(u, param(self, "in_B", init, (d, g, n), ("embed", *groups), pdt), "bld,dgn->blgn", cdt)
+        C = dense(u, param(self, "in_C", init, (d, g, n), ("embed", *groups), pdt), "bld,dgn->blgn", cdt)
+        dt = dense(u, param(self, "in_dt", init, (d, h), ("embed", "ssm_heads"), pdt), "bld,dh->blh", cdt)
+
+        def conv(name, t, axes):
+            weight = param(self, f"conv_{name}", _conv_init(k), (k, *t.shape[2:]), ("conv_width", *axes), pdt)
+            bias = (param(self, f"conv_{name}_bias", _conv_init(k), t.shape[2:], axes, pdt) if cfg.use_conv_bias
+                    else jnp.zeros(t.shape[2:], pdt))
+            return jax.nn.silu(causal_conv1d(t, weight, bias))
+
+        x, B, C = conv("x", x, heads), conv("B", B, groups), conv("C", C, groups)
+
+        dt_bias = param(self, "dt_bias", _dt_bias_init(cfg), (h,), ("ssm_heads",), pdt)
+        A_log = param(self, "A_log", _a_log_init, (h,), ("ssm_heads",), pdt)
+        D = param(self, "D", jax.nn.initializers.ones, (h,), ("ssm_heads",), pdt)
+        dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+        # HF clamps dt to (time_step_min, inf), whatever config.time_step_limit says.
+        dt = jnp.maximum(dt, cfg.time_step_min)
+        A = -jnp.exp(A_log.astype(jnp.float32))
+
+        y, _ = ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+        y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
+        out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
+                          if cfg.rescale_prenorm_residual else cfg.initializer_range)
+        w_out = param(self, "out_proj", out_init, (h, p, d), (*heads, "embed"), pdt)
+        return dense(y, w_out, "blhp,hpd->bld", cdt)

@@ -1,0 +1,85 @@
+"""Mixture of experts (the `E` block): sigmoid router, dropless routed experts, shared expert, LatentMoE.
+
+Routing (Nemotron 3): fp32 sigmoid scores; a correction bias (aux-loss-free balancing, updated outside
+the optimizer) changes only *which* experts are chosen; group-limited top-k; the combine weights are
+the unbiased scores of the chosen experts, optionally normalised, times `routed_scaling_factor`.
+Experts run dropless: assignments are sorted by expert and multiplied with `jax.lax.ragged_dot`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from nemojax.config import ModelConfig
+from nemojax.layers.common import dense, normal, param
+from nemojax.layers.mlp import MLP, relu2
+
+
+def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
+          ) -> tuple[Float[Array, "t k"], Int[Array, "t k"]]:
+    """Pick `num_experts_per_tok` experts per token; returns (combine weights, expert ids)."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    choice = scores + correction_bias.astype(jnp.float32)
+    if cfg.n_group > 1:  # keep only the `topk_group` groups whose two best experts score highest
+        tokens, experts = choice.shape
+        grouped = choice.reshape(tokens, cfg.n_group, experts // cfg.n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        _, best_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep = jax.nn.one_hot(best_groups, cfg.n_group, dtype=bool).any(axis=1)
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(tokens, experts)
+    _, expert_ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, expert_ids
+
+
+def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
+                   up: Float[Array, "e d f"], down: Float[Array, "e f d"]) -> Float[Array, "t d"]:
+    """Dropless expert MLPs: sort the (token, slot) assignments by expert, grouped matmuls, scatter back."""
+    tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    token_of = order // top_k
+    group_sizes = jnp.bincount(flat_ids, length=up.shape[0]).astype(jnp.int32)
+    hidden = relu2(jax.lax.ragged_dot(x[token_of], up, group_sizes))
+    out = jax.lax.ragged_dot(hidden, down, group_sizes)
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out)
+
+
+class MoE(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        cfg = self.cfg
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        d, e, f, m = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_input_size
+        init = normal(cfg.initializer_range)
+        batch, length, _ = u.shape
+        flat = u.reshape(-1, d)
+
+        router = param(self, "router", init, (d, e), ("embed", "router"), pdt)
+        # A buffer, not a trained weight: kept in fp32 and updated from expert loads by the train loop.
+        bias = param(self, "e_score_correction_bias", jax.nn.initializers.zeros, (e,), ("router",), jnp.float32)
+        logits = jnp.einsum("td,de->te", flat.astype(jnp.float32), router.astype(jnp.float32))
+        weights, expert_ids = route(cfg, logits, jax.lax.stop_gradient(bias))
+        self.sow("intermediates", "expert_counts", jnp.bincount(expert_ids.reshape(-1), length=e))
+
+        expert_in = "latent" if cfg.moe_latent_size else "embed"
+        x = flat.astype(cdt)
+        if cfg.moe_latent_size:
+            x = dense(x, param(self, "fc1_latent_proj", init, (d, m), ("embed", "latent"), pdt), "td,dm->tm", cdt)
+        up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
+        down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
+        y = routed_experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
+        if cfg.moe_latent_size:
+            y = dense(y, param(self, "fc2_latent_proj", init, (m, d), ("latent", "embed"), pdt), "tm,md->td", cdt)
+        y = y.reshape(batch, length, d)
+        if cfg.n_shared_experts:
+            y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(u)
+        return y

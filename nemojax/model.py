@@ -1,0 +1,63 @@
+"""The hybrid stack: embedding, one pre-norm residual block per pattern character, final norm, LM head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from nemojax.config import ModelConfig
+from nemojax.layers.attention import Attention
+from nemojax.layers.common import normal, param
+from nemojax.layers.mamba2 import Mamba2Mixer
+from nemojax.layers.mlp import MLP
+from nemojax.layers.moe import MoE
+from nemojax.layers.norms import RMSNorm
+
+
+def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
+    """The mixer of one block, by pattern character."""
+    if kind == "M":
+        return Mamba2Mixer(cfg, name="mixer")
+    if kind == "*":
+        return Attention(cfg, name="mixer")
+    if kind == "-":
+        return MLP(cfg, cfg.intermediate_size, name="mixer")
+    if kind == "E":
+        return MoE(cfg, name="mixer")
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+class Block(nn.Module):
+    """x + mixer(RMSNorm(x))."""
+
+    cfg: ModelConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
+        return x + make_mixer(self.cfg, self.kind)(normed).astype(x.dtype)
+
+
+class NemotronH(nn.Module):
+    """Nemotron-H / Nano 2 / Nemotron 3 causal LM: int32 token ids [B, L] -> float32 logits [B, L, V]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
+        cfg = self.cfg
+        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        embedding = param(self, "embed", normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
+                          ("vocab", "embed"), pdt)
+        x = jnp.take(embedding, input_ids, axis=0).astype(cdt)
+        for i, kind in enumerate(cfg.hybrid_override_pattern):
+            x = Block(cfg, kind, name=f"layers_{i}")(x)
+        x = RMSNorm(cfg.layer_norm_epsilon, pdt, name="norm_f")(x)
+        if cfg.tie_word_embeddings:
+            head = embedding.T
+        else:
+            head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
+                         ("embed", "vocab"), pdt)
+        return jnp.einsum("bld,dv->blv", x, head.astype(cdt)).astype(jnp.float32)
