@@ -1,0 +1,86 @@
+"""Shared fixtures: random, perturbed transformers models saved in the Hub layout."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+VOCAB = 97
+BATCH, LENGTH = 2, 21  # the length is not a multiple of any chunk size used below
+
+# Small shapes that do not divide evenly: 6 Mamba heads in 3 groups, GQA 6/2, odd widths.
+BASE = dict(
+    vocab_size=VOCAB, hidden_size=40, num_attention_heads=6, num_key_value_heads=2, head_dim=7,
+    intermediate_size=52, mamba_num_heads=6, mamba_head_dim=6, ssm_state_size=10, n_groups=3,
+    conv_kernel=4, chunk_size=8, time_step_min=0.001, layer_norm_epsilon=1e-5,
+)
+MOE = dict(n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=22,
+           moe_shared_expert_intermediate_size=30, routed_scaling_factor=2.5, n_group=2, topk_group=1,
+           norm_topk_prob=True)
+
+MODELS = {
+    "dense": dict(BASE, hybrid_override_pattern="M-M*-"),
+    "moe": dict(BASE, **MOE, hybrid_override_pattern="MEM*E"),
+    "latent_moe": dict(BASE, **dict(MOE, n_group=1, norm_topk_prob=False), moe_latent_size=18,
+                       hybrid_override_pattern="ME*E"),
+}
+
+
+def build_hf_model(kind: str, seed: int = 0):
+    """A transformers NemotronHForCausalLM with every weight and buffer moved away from its init value."""
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(MODELS[kind])
+    pattern = fields.pop("hybrid_override_pattern")
+    cfg = NemotronHConfig(hybrid_override_pattern=pattern, **fields)
+    cfg._experts_implementation = "eager"  # the loop over experts, the plainest reference
+    model = NemotronHForCausalLM(cfg).eval()
+    assert model.config._experts_implementation == "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if p.ndim == 1 else 0.5 * p.std().item() + 0.02
+            p.add_(torch.randn_like(p) * scale)
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                buf.add_(torch.randn_like(buf) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """Lazily saves one checkpoint per model kind; returns (torch model, directory)."""
+    cache = {}
+
+    def get(kind: str, variant: str = "plain"):
+        key = (kind, variant)
+        if key not in cache:
+            import torch
+
+            model = build_hf_model(kind)
+            path = tmp_path_factory.mktemp(f"{kind}_{variant}")
+            if variant == "sharded":
+                model.save_pretrained(path, max_shard_size="30KB")
+            elif variant == "bf16":
+                model = model.to(torch.bfloat16)
+                model.save_pretrained(path)
+            else:
+                model.save_pretrained(path)
+            cache[key] = (model, str(path))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def token_batch():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, VOCAB, size=(BATCH, LENGTH)).astype(np.int32)
