@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
 from nemojax.layers.common import dense, normal, param
+from nemojax.ops.attention import causal_attention
 
 
 class Attention(nn.Module):
@@ -28,7 +26,6 @@ class Attention(nn.Module):
                   "bld,dhk->blhk", cdt)
         v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt),
                   "bld,dhk->blhk", cdt)
-        # XLA's implementation: logits and softmax in fp32, GQA without materialising repeated K/V.
-        out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), is_causal=True)
+        out = causal_attention(q, k, v)  # fp32 scores and softmax; K/V heads shared, never repeated
         w_o = param(self, "o_proj", init, (nh, hd, d), ("heads", "head_dim", "embed"), pdt)
         return dense(out, w_o, "blhk,hkd->bld", cdt)

@@ -1,0 +1,100 @@
+"""Causal grouped-query attention blocked over queries, with a recomputing backward (pure JAX).
+
+Each query block attends only to its key prefix, so the causal half of the L x L work is skipped, and
+one block's scores stay small enough to live in cache. The backward recomputes the probabilities from
+the saved log-sum-exp instead of storing them (flash attention's idea, at XLA granularity). The
+block loop is unrolled (at most `max_blocks` blocks), which is what lets every block have a static
+key length. This is the CPU path; accelerators use cuDNN / splash kernels (see `attention_impl`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+f32 = jnp.float32
+
+
+def _blocks(length: int, min_block: int, max_blocks: int) -> list[tuple[int, int]]:
+    size = max(min_block, -(-length // max_blocks))
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _head_major(q, k, v):
+    """[b l h d] -> q: [b g l*r d] (row = position * r + head-in-group), k and v: [b g l d]."""
+    b, length, h, d = q.shape
+    g = k.shape[2]
+    qh = q.reshape(b, length, g, h // g, d).transpose(0, 2, 1, 3, 4).reshape(b, g, length * (h // g), d)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _scores(q_blk, k, start, r, scale):
+    """Scaled fp32 scores of one query block against its key prefix, future keys masked out."""
+    s = jnp.einsum("bgmd,bgkd->bgmk", q_blk, k, preferred_element_type=f32) * scale
+    q_pos = start + jnp.arange(q_blk.shape[2])[:, None] // r
+    return jnp.where(q_pos >= jnp.arange(k.shape[2])[None, :], s, -jnp.inf)
+
+
+def _forward(q, k, v, min_block, max_blocks):
+    b, length, h, d = q.shape
+    g = k.shape[2]
+    r = h // g
+    qh, kh, vh = _head_major(q, k, v)
+    scale = 1.0 / math.sqrt(d)
+    outs, lses = [], []
+    for start, end in _blocks(length, min_block, max_blocks):
+        s = _scores(qh[:, :, start * r:end * r], kh[:, :, :end], start, r, scale)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bgmk,bgkd->bgmd", p.astype(v.dtype), vh[:, :, :end], preferred_element_type=f32)
+        outs.append(o / denom)
+        lses.append((m + jnp.log(denom))[..., 0])
+    out = jnp.concatenate(outs, axis=2).reshape(b, g, length, r, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, length, h, d).astype(q.dtype), jnp.concatenate(lses, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def causal_attention(q: Float[Array, "b l h d"], k: Float[Array, "b l g d"], v: Float[Array, "b l g d"],
+                     min_block: int = 64, max_blocks: int = 32) -> Float[Array, "b l h d"]:
+    """softmax(q k^T / sqrt(d) + causal mask) v, with h query heads sharing g = h / r key/value heads."""
+    return _forward(q, k, v, min_block, max_blocks)[0]
+
+
+def _fwd(q, k, v, min_block, max_blocks):
+    out, lse = _forward(q, k, v, min_block, max_blocks)
+    return out, (q, k, v, out, lse)
+
+
+def _bwd(min_block, max_blocks, res, d_out):
+    q, k, v, out, lse = res
+    b, length, h, d = q.shape
+    g = k.shape[2]
+    r = h // g
+    scale = 1.0 / math.sqrt(d)
+    qh, kh, vh = _head_major(q, k, v)
+    do = _head_major(d_out, k, v)[0]
+    delta = jnp.sum(do.astype(f32) * _head_major(out, k, v)[0].astype(f32), axis=-1)  # [b g l*r]
+    dq_blocks = []
+    dk = jnp.zeros(kh.shape, f32)
+    dv = jnp.zeros(vh.shape, f32)
+    for start, end in _blocks(length, min_block, max_blocks):
+        rows = slice(start * r, end * r)
+        q_blk, do_blk = qh[:, :, rows], do[:, :, rows]
+        p = jnp.exp(_scores(q_blk, kh[:, :, :end], start, r, scale) - lse[..., rows, None])
+        dv = dv.at[:, :, :end].add(jnp.einsum("bgmk,bgmd->bgkd", p.astype(do.dtype), do_blk,
+                                              preferred_element_type=f32))
+        dp = jnp.einsum("bgmd,bgkd->bgmk", do_blk, vh[:, :, :end], preferred_element_type=f32)
+        ds = (p * (dp - delta[..., rows, None]) * scale).astype(q.dtype)
+        dq_blocks.append(jnp.einsum("bgmk,bgkd->bgmd", ds, kh[:, :, :end], preferred_element_type=f32))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bgmk,bgmd->bgkd", ds, q_blk, preferred_element_type=f32))
+    dq = jnp.concatenate(dq_blocks, axis=2).reshape(b, g, length, r, d).transpose(0, 2, 1, 3, 4)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
+            dv.transpose(0, 2, 1, 3).astype(v.dtype))
+
+
+causal_attention.defvjp(_fwd, _bwd)
