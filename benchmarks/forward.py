@@ -1,6 +1,8 @@
 """Forward and forward+backward of the `small` hybrid (~110M) on 2048 tokens: transformers vs nemojax.
 
 Both run in this process on the same weights (transformers saves them, nemojax.load_hf reads them).
+Forward returns the full logits; forward+backward is each library's training loss and its gradient
+(nemojax: the fused LM-head cross-entropy; transformers: logits, then its loss).
 Prints medians and each one's model FLOP/s next to the rate of a large jitted matmul (the ceiling).
 
     python benchmarks/forward.py [--tokens 2048] [--repeats 5]
@@ -22,7 +24,7 @@ import numpy as np  # noqa: E402
 import nemojax  # noqa: E402
 from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E402
 from nemojax.flops import forward_flops  # noqa: E402
-from nemojax.train.loss import next_token_loss  # noqa: E402
+from nemojax.train.loss import model_loss  # noqa: E402
 
 SMALL = dict(vocab_size=32000, hidden_size=768, hybrid_override_pattern="M-M-M*-M-M-M*-", num_attention_heads=12,
              num_key_value_heads=4, head_dim=64, intermediate_size=3072, mamba_num_heads=24, mamba_head_dim=64,
@@ -59,7 +61,7 @@ def main() -> None:
     model = nemojax.NemotronH(cfg)
     ids = jnp.asarray(ids_np)
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    grad = jax.jit(jax.value_and_grad(lambda p, x: next_token_loss(model.apply({"params": p}, x), x)))
+    grad = jax.jit(jax.value_and_grad(lambda p, x: model_loss(model, p, x)))  # the training loss
     results = {
         "nemojax forward": median_seconds(lambda: fwd(params, ids).block_until_ready(), args.repeats),
         "nemojax forward+backward": median_seconds(

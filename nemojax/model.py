@@ -41,23 +41,35 @@ class Block(nn.Module):
 
 
 class NemotronH(nn.Module):
-    """Nemotron-H / Nano 2 / Nemotron 3 causal LM: int32 token ids [B, L] -> float32 logits [B, L, V]."""
+    """Nemotron-H / Nano 2 / Nemotron 3 causal LM: int32 token ids [B, L] -> float32 logits [B, L, V].
+
+    `apply(..., method="hidden")` returns the final-norm hidden states instead, and `head_weight` the
+    [embed, vocab] LM head, so a loss can fuse the head with the cross-entropy (`train.loss`).
+    """
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
+    def setup(self) -> None:
         cfg = self.cfg
-        pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        embedding = param(self, "embed", normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
-                          ("vocab", "embed"), pdt)
-        x = jnp.take(embedding, input_ids, axis=0).astype(cdt)
-        for i, kind in enumerate(cfg.hybrid_override_pattern):
-            x = Block(cfg, kind, name=f"layers_{i}")(x)
-        x = RMSNorm(cfg.layer_norm_epsilon, pdt, name="norm_f")(x)
-        if cfg.tie_word_embeddings:
-            head = embedding.T
-        else:
-            head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
-                         ("embed", "vocab"), pdt)
-        return jnp.einsum("bld,dv->blv", x, head.astype(cdt)).astype(jnp.float32)
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(self, "embed", normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
+                           ("vocab", "embed"), pdt)
+        self.layers = [Block(cfg, kind) for kind in cfg.hybrid_override_pattern]
+        self.norm_f = RMSNorm(cfg.layer_norm_epsilon, pdt)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
+                                 ("embed", "vocab"), pdt)
+
+    def hidden(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
+        x = jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        for block in self.layers:
+            x = block(x)
+        return self.norm_f(x)
+
+    def head_weight(self) -> Float[Array, "d v"]:
+        return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
+
+    def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
+        x = self.hidden(input_ids)
+        head = self.head_weight().astype(jnp.dtype(self.cfg.dtype))
+        return jnp.einsum("bld,dv->blv", x, head).astype(jnp.float32)

@@ -11,7 +11,7 @@ import torch
 import nemojax
 from nemojax.checkpoint.hf import SafetensorsCheckpoint
 from nemojax.checkpoint.hf_names import hf_table
-from nemojax.train.loss import next_token_loss
+from nemojax.train.loss import model_loss, next_token_loss
 
 
 def rel(a, b) -> float:
@@ -37,13 +37,11 @@ def torch_loss_and_grads(model, ids: np.ndarray):
 
 
 def jax_loss_and_grads(cfg, params, ids):
+    """Logits, the loss from them, and the training loss (fused LM head) with its gradients."""
     model = nemojax.NemotronH(cfg)
-
-    def loss_fn(p):
-        logits = model.apply({"params": p}, ids)
-        return next_token_loss(logits, ids), logits
-
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    logits = model.apply({"params": params}, ids)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: model_loss(model, p, ids)))(params)
+    assert abs(float(loss) - float(next_token_loss(logits, ids))) <= 1e-6 * float(loss)
     return np.asarray(logits), float(loss), grads
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.ops.conv import causal_conv1d
+from nemojax.ops.conv import causal_conv1d_silu
 from nemojax.ops.ssd import ssd_chunked, ssd_sequential
 
 B, L, H, P, G, N = 2, 37, 6, 5, 3, 4
@@ -87,17 +87,17 @@ def conv_reference(x, w, b):
     out = jax.lax.conv_general_dilated(xf, w.reshape(width, 1, channels), window_strides=(1,),
                                        padding=[(width - 1, 0)], dimension_numbers=("NWC", "WIO", "NWC"),
                                        feature_group_count=channels)
-    return out.reshape(x.shape) + b
+    return jax.nn.silu(out.reshape(x.shape) + b)
 
 
-def test_causal_conv_values_and_gradients():
+def test_causal_conv_silu_values_and_gradients():
     k = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(k[0], (2, 13, 3, 5))
     w = jax.random.normal(k[1], (4, 3, 5))
     b = jax.random.normal(k[2], (3, 5))
     cot = jax.random.normal(k[3], x.shape)
-    assert rel(causal_conv1d(x, w, b), conv_reference(x, w, b)) < 1e-6
-    grads = jax.grad(lambda *a: jnp.sum(causal_conv1d(*a) * cot), argnums=(0, 1, 2))(x, w, b)
+    assert rel(causal_conv1d_silu(x, w, b), conv_reference(x, w, b)) < 1e-6
+    grads = jax.grad(lambda *a: jnp.sum(causal_conv1d_silu(*a) * cot), argnums=(0, 1, 2))(x, w, b)
     grads_ref = jax.grad(lambda *a: jnp.sum(conv_reference(*a) * cot), argnums=(0, 1, 2))(x, w, b)
     for g, g_ref in zip(grads, grads_ref):
         assert rel(g, g_ref) < 1e-6

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from nemojax.config import ModelConfig
 from nemojax.layers.common import dense, normal, param
 from nemojax.layers.norms import GatedGroupRMSNorm
-from nemojax.ops.conv import causal_conv1d
+from nemojax.ops.conv import causal_conv1d_silu
 from nemojax.ops.ssd import ssd_chunked
 
 
@@ -62,7 +62,7 @@ class Mamba2Mixer(nn.Module):
             weight = param(self, f"conv_{name}", _conv_init(k), (k, *t.shape[2:]), ("conv_width", *axes), pdt)
             bias = (param(self, f"conv_{name}_bias", _conv_init(k), t.shape[2:], axes, pdt) if cfg.use_conv_bias
                     else jnp.zeros(t.shape[2:], pdt))
-            return jax.nn.silu(causal_conv1d(t, weight, bias))
+            return causal_conv1d_silu(t, weight, bias)
 
         x, B, C = conv("x", x, heads), conv("B", B, groups), conv("C", C, groups)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,10 +30,51 @@ class RMSNorm(nn.Module):
         return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gated_group_rms_norm(y: Float[Array, "b l h p"], z: Float[Array, "b l h p"], scale: Float[Array, "h p"],
+                         n_groups: int, eps: float) -> Float[Array, "b l h p"]:
+    """scale * RMSNorm(y * silu(z)), statistics over `n_groups` equal slices of the heads; fp32 result."""
+    return _gated_norm_parts(y, z, scale, n_groups, eps)[0]
+
+
+def _gated_norm_parts(y, z, scale, n_groups, eps):
+    *lead, heads, head_dim = y.shape
+    gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    grouped = gated.reshape(*lead, n_groups, (heads // n_groups) * head_dim)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + eps)
+    normed = (grouped * rstd).reshape(y.shape)
+    return scale.astype(jnp.float32) * normed, normed, rstd
+
+
+def _gated_norm_fwd(y, z, scale, n_groups, eps):
+    out, _, rstd = _gated_norm_parts(y, z, scale, n_groups, eps)
+    return out, (y, z, scale, rstd)
+
+
+def _gated_norm_bwd(n_groups, eps, res, d_out):
+    y, z, scale, rstd = res
+    *lead, heads, head_dim = y.shape
+    y32, z32 = y.astype(jnp.float32), z.astype(jnp.float32)
+    sig = jax.nn.sigmoid(z32)
+    silu = z32 * sig
+    grouped_shape = (*lead, n_groups, (heads // n_groups) * head_dim)
+    normed = ((y32 * silu).reshape(grouped_shape) * rstd)
+    d_normed = (d_out.astype(jnp.float32) * scale.astype(jnp.float32)).reshape(grouped_shape)
+    d_gated = (rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))).reshape(y.shape)
+    d_scale = jnp.sum(d_out.astype(jnp.float32) * normed.reshape(y.shape), axis=tuple(range(len(lead))))
+    dy = d_gated * silu
+    dz = d_gated * y32 * sig * (1 + z32 * (1 - sig))
+    return dy.astype(y.dtype), dz.astype(z.dtype), d_scale.astype(scale.dtype)
+
+
+gated_group_rms_norm.defvjp(_gated_norm_fwd, _gated_norm_bwd)
+
+
 class GatedGroupRMSNorm(nn.Module):
     """RMSNorm(y * silu(z)) with statistics taken over `n_groups` equal slices of the heads.
 
     Groups follow the SSM's B/C groups, so each tensor-parallel shard of heads normalises on its own.
+    The backward is written by hand: autodiff through the grouped reshape cost ~8x the forward on CPU.
     """
 
     n_groups: int
@@ -40,10 +83,6 @@ class GatedGroupRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, y: Float[Array, "b l h p"], z: Float[Array, "b l h p"]) -> Float[Array, "b l h p"]:
-        *lead, heads, head_dim = y.shape
-        scale = param(self, "scale", jax.nn.initializers.ones, (heads, head_dim), ("ssm_heads", "ssm_head_dim"),
+        scale = param(self, "scale", jax.nn.initializers.ones, y.shape[-2:], ("ssm_heads", "ssm_head_dim"),
                       self.param_dtype)
-        gated = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
-        grouped = gated.reshape(*lead, self.n_groups, (heads // self.n_groups) * head_dim)
-        normed = rms_normalize(grouped, self.eps).reshape(*lead, heads, head_dim)
-        return scale.astype(jnp.float32) * normed.astype(y.dtype)
+        return gated_group_rms_norm(y, z, scale, self.n_groups, self.eps)
