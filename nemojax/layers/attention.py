@@ -20,12 +20,9 @@ class Attention(nn.Module):
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         init = normal(cfg.initializer_range)
-        q = dense(u, param(self, "q_proj", init, (d, nh, hd), ("embed", "heads", "head_dim"), pdt),
-                  "bld,dhk->blhk", cdt)
-        k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt),
-                  "bld,dhk->blhk", cdt)
-        v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt),
-                  "bld,dhk->blhk", cdt)
+        q = dense(u, param(self, "q_proj", init, (d, nh, hd), ("embed", "heads", "head_dim"), pdt), 1, cdt)
+        k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
+        v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         out = causal_attention(q, k, v)  # fp32 scores and softmax; K/V heads shared, never repeated
         w_o = param(self, "o_proj", init, (nh, hd, d), ("heads", "head_dim", "embed"), pdt)
-        return dense(out, w_o, "blhk,hkd->bld", cdt)
+        return dense(out, w_o, 2, cdt)

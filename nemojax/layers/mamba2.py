@@ -52,11 +52,11 @@ class Mamba2Mixer(nn.Module):
         init = normal(cfg.initializer_range)
         heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
 
-        z = dense(u, param(self, "in_z", init, (d, h, p), ("embed", *heads), pdt), "bld,dhp->blhp", cdt)
-        x = dense(u, param(self, "in_x", init, (d, h, p), ("embed", *heads), pdt), "bld,dhp->blhp", cdt)
-        B = dense(u, param(self, "in_B", init, (d, g, n), ("embed", *groups), pdt), "bld,dgn->blgn", cdt)
-        C = dense(u, param(self, "in_C", init, (d, g, n), ("embed", *groups), pdt), "bld,dgn->blgn", cdt)
-        dt = dense(u, param(self, "in_dt", init, (d, h), ("embed", "ssm_heads"), pdt), "bld,dh->blh", cdt)
+        z = dense(u, param(self, "in_z", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
+        x = dense(u, param(self, "in_x", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
+        B = dense(u, param(self, "in_B", init, (d, g, n), ("embed", *groups), pdt), 1, cdt)
+        C = dense(u, param(self, "in_C", init, (d, g, n), ("embed", *groups), pdt), 1, cdt)
+        dt = dense(u, param(self, "in_dt", init, (d, h), ("embed", "ssm_heads"), pdt), 1, cdt)
 
         def conv(name, t, axes):
             weight = param(self, f"conv_{name}", _conv_init(k), (k, *t.shape[2:]), ("conv_width", *axes), pdt)
@@ -79,4 +79,4 @@ class Mamba2Mixer(nn.Module):
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                           if cfg.rescale_prenorm_residual else cfg.initializer_range)
         w_out = param(self, "out_proj", out_init, (h, p, d), (*heads, "embed"), pdt)
-        return dense(y, w_out, "blhp,hpd->bld", cdt)
+        return dense(y, w_out, 2, cdt)

@@ -26,4 +26,4 @@ class MLP(nn.Module):
         init = normal(cfg.initializer_range)
         up = param(self, "up_proj", init, (cfg.hidden_size, self.intermediate_size), ("embed", "mlp"), pdt)
         down = param(self, "down_proj", init, (self.intermediate_size, cfg.hidden_size), ("mlp", "embed"), pdt)
-        return dense(relu2(dense(u, up, "bld,df->blf", cdt)), down, "blf,fd->bld", cdt)
+        return dense(relu2(dense(u, up, 1, cdt)), down, 1, cdt)

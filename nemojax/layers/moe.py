@@ -73,12 +73,12 @@ class MoE(nn.Module):
         expert_in = "latent" if cfg.moe_latent_size else "embed"
         x = flat.astype(cdt)
         if cfg.moe_latent_size:
-            x = dense(x, param(self, "fc1_latent_proj", init, (d, m), ("embed", "latent"), pdt), "td,dm->tm", cdt)
+            x = dense(x, param(self, "fc1_latent_proj", init, (d, m), ("embed", "latent"), pdt), 1, cdt)
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
         y = routed_experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
         if cfg.moe_latent_size:
-            y = dense(y, param(self, "fc2_latent_proj", init, (m, d), ("latent", "embed"), pdt), "tm,md->td", cdt)
+            y = dense(y, param(self, "fc2_latent_proj", init, (m, d), ("latent", "embed"), pdt), 1, cdt)
         y = y.reshape(batch, length, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(u)

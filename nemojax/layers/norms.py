@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.layers.common import param
+from nemojax.ops.sums import sum_leading
 
 
 def rms_normalize(x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
@@ -61,7 +62,7 @@ def _gated_norm_bwd(n_groups, eps, res, d_out):
     normed = ((y32 * silu).reshape(grouped_shape) * rstd)
     d_normed = (d_out.astype(jnp.float32) * scale.astype(jnp.float32)).reshape(grouped_shape)
     d_gated = (rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))).reshape(y.shape)
-    d_scale = jnp.sum(d_out.astype(jnp.float32) * normed.reshape(y.shape), axis=tuple(range(len(lead))))
+    d_scale = sum_leading(d_out.astype(jnp.float32) * normed.reshape(y.shape), len(lead))
     dy = d_gated * silu
     dz = d_gated * y32 * sig * (1 + z32 * (1 - sig))
     return dy.astype(y.dtype), dz.astype(z.dtype), d_scale.astype(scale.dtype)

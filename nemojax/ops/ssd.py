@@ -11,9 +11,13 @@ the tests compare against.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from nemojax.ops.sums import sum_leading
 
 f32 = jnp.float32
 
@@ -28,60 +32,165 @@ def ssd_chunked(
     D: Float[Array, " h"] | None = None,
     initial_state: Float[Array, "b h p n"] | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
-    """Chunked SSD scan. `dt` is already discretised (softplus, clamp). Returns (y in fp32, final state)."""
-    b, length, h, p = x.shape
-    g, n = B.shape[-2:]
-    r = h // g  # heads per group
-    q = chunk_size
+    """Chunked SSD scan. `dt` is already discretised (softplus, clamp). Returns (y in fp32, final state).
+
+    The backward is written by hand (`_ssd_bwd`): it recomputes the chunk-local (Q x Q) decays
+    instead of storing them and avoids the layout shuffles XLA's autodiff of the einsums inserts.
+    """
+    b, _, h, p = x.shape
+    n = B.shape[-1]
+    D = jnp.zeros((h,), f32) if D is None else D
+    init = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
+    return _ssd(x, dt, A, B, C, D, init, chunk_size)
+
+
+def _to_chunks(t: jax.Array, q: int, g: int) -> jax.Array:
+    """[b l h ...] or [b l g n] sequence layout -> head-major chunks [b c g (r) q ...] in fp32.
+
+    Padded steps get dt = 0 (and x = 0): no decay and no input, so they change neither outputs nor
+    the final state.
+    """
+    b, length = t.shape[:2]
     pad = -length % q
-    c = (length + pad) // q
+    t = jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
+    c = t.shape[1] // q
+    rest = t.shape[2:]
+    if len(rest) == 1:  # [b l h] -> [b c g r q]
+        return t.reshape(b, c, q, g, rest[0] // g).transpose(0, 1, 3, 4, 2)
+    if rest[0] == g:  # [b l g n] -> [b c g q n]
+        return t.reshape(b, c, q, *rest).transpose(0, 1, 3, 2, 4)
+    return t.reshape(b, c, q, g, rest[0] // g, rest[1]).transpose(0, 1, 3, 4, 2, 5)  # -> [b c g r q p]
 
-    x32, dt32 = x.astype(f32), dt.astype(f32)
-    # Padded steps have dt = 0: no decay and no input, so they change neither outputs nor the final state.
-    padded = [jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x32 * dt32[..., None], dt32, B, C)]
-    xdt = padded[0].reshape(b, c, q, g, r, p)
-    a = (padded[1] * A.astype(f32)).reshape(b, c, q, g, r)
-    Bc = padded[2].astype(f32).reshape(b, c, q, g, n)
-    Cc = padded[3].astype(f32).reshape(b, c, q, g, n)
 
-    a_cum = jnp.cumsum(a, axis=2)  # [b c q g r]: log-decay from chunk start through step q
-    a_end = a_cum[:, :, -1]  # [b c g r]
+def _from_chunks(t: jax.Array, length: int) -> jax.Array:
+    """Inverse of `_to_chunks`, cropping the padding."""
+    b, c, g = t.shape[:3]
+    if t.ndim == 6:  # [b c g r q p] -> [b l h p]
+        r, q, p = t.shape[3:]
+        return t.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, g * r, p)[:, :length]
+    raise ValueError(t.shape)
 
-    # 1. Within each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_cum_i - a_cum_j) xdt_j.
+
+def _decay(s: jax.Array) -> jax.Array:
+    """L[i, j] = exp(s_i - s_j) for i >= j, else 0; s is the in-chunk cumulative log-decay [..., q]."""
+    q = s.shape[-1]
     causal = jnp.tril(jnp.ones((q, q), dtype=bool))
-    log_decay = a_cum[:, :, :, None] - a_cum[:, :, None, :]  # [b c i j g r]
-    decay = jnp.exp(jnp.where(causal[:, :, None, None], log_decay, -jnp.inf))
-    scores = jnp.einsum("bcign,bcjgn->bcijg", Cc, Bc)
-    y = jnp.einsum("bcijg,bcijgr,bcjgrp->bcigrp", scores, decay, xdt)
+    return jnp.exp(jnp.where(causal, s[..., :, None] - s[..., None, :], -jnp.inf))
 
-    # 2. Each chunk's own contribution to the state at its end.
-    to_end = jnp.exp(a_end[:, :, None] - a_cum)  # [b c q g r]
-    chunk_states = jnp.einsum("bcjgn,bcjgr,bcjgrp->bcgrpn", Bc, to_end, xdt)
 
-    # 3. Across chunks: S_c = exp(a_end_c) S_{c-1} + chunk_states_c, as an associative scan.
-    chunk_decay = jnp.exp(a_end)  # [b c g r]
-    if initial_state is not None:
-        init = initial_state.astype(f32).reshape(b, g, r, p, n)
-        chunk_states = chunk_states.at[:, 0].add(chunk_decay[:, 0, :, :, None, None] * init)
-    else:
-        init = jnp.zeros((b, g, r, p, n), f32)
+def _linear_scan(decay: jax.Array, inputs: jax.Array, first: jax.Array) -> jax.Array:
+    """S_c = decay_c * S_{c-1} + inputs_c over axis 1 with S_{-1} = first, via an associative scan."""
+    inputs = inputs.at[:, 0].add(decay[:, 0, ..., None, None] * first)
 
     def combine(left, right):
-        decay_l, state_l = left
-        decay_r, state_r = right
-        return decay_l * decay_r, decay_r[..., None, None] * state_l + state_r
+        return left[0] * right[0], right[0][..., None, None] * left[1] + right[1]
 
-    _, states = jax.lax.associative_scan(combine, (chunk_decay, chunk_states), axis=1)
-    final_state = states[:, -1]
-    entering = jnp.concatenate([init[:, None], states[:, :-1]], axis=1)  # state before each chunk
+    return jax.lax.associative_scan(combine, (decay, inputs), axis=1)[1]
 
-    # 4. The entering state's contribution to each output.
-    y = y + jnp.einsum("bcign,bcgrpn,bcigr->bcigrp", Cc, entering, jnp.exp(a_cum))
 
-    y = y.reshape(b, c * q, h, p)[:, :length]
-    if D is not None:
-        y = y + D.astype(f32)[:, None] * x32
-    return y, final_state.reshape(b, h, p, n)
+def _chunked_inputs(x, dt, A, B, C, q):
+    g = B.shape[2]
+    xc, dtc = _to_chunks(x, q, g), _to_chunks(dt, q, g)
+    Bc, Cc = _to_chunks(B, q, g), _to_chunks(C, q, g)
+    s = jnp.cumsum(dtc * A.astype(f32).reshape(g, -1)[:, :, None], axis=-1)  # [b c g r q]
+    return xc, dtc, Bc, Cc, s
+
+
+def _ssd_forward(x, dt, A, B, C, D, init, q):
+    b, length, h, p = x.shape
+    g, n = B.shape[-2:]
+    xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
+    X = xc * dtc[..., None]
+    scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
+    y = jnp.einsum("bcgrij,bcgrjp->bcgrip", scores[:, :, :, None] * _decay(s), X)  # within chunks
+    s_end = s[..., -1]
+    states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bc, X * jnp.exp(s_end[..., None] - s)[..., None])
+    ends = _linear_scan(jnp.exp(s_end), states, init.astype(f32).reshape(b, g, h // g, p, n))
+    entering = jnp.concatenate([init.astype(f32).reshape(b, 1, g, h // g, p, n), ends[:, :-1]], axis=1)
+    y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering) * jnp.exp(s)[..., None]  # from earlier chunks
+    y = _from_chunks(y, length) + D.astype(f32)[:, None] * x.astype(f32)
+    return y, ends[:, -1].reshape(b, h, p, n), entering
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd(x, dt, A, B, C, D, init, chunk_size):
+    y, final, _ = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
+    return y, final
+
+
+def _ssd_fwd(x, dt, A, B, C, D, init, chunk_size):
+    y, final, entering = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
+    return (y, final), (x, dt, A, B, C, D, init, entering)
+
+
+def _ssd_bwd(q, res, cotangents):
+    x, dt, A, B, C, D, init, entering = res
+    dy, d_final = cotangents
+    b, length, h, p = x.shape
+    g, n = B.shape[-2:]
+    r = h // g
+    xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
+    dyc = _to_chunks(dy, q, g)
+    X = xc * dtc[..., None]
+    decay = _decay(s)
+    scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
+    M = scores[:, :, :, None] * decay
+    s_exp = jnp.exp(s)
+    s_end = s[..., -1]
+    to_end = jnp.exp(s_end[..., None] - s)
+
+    # Within chunks: y_i = sum_j M_ij X_j with M = (C B^T) * decay.
+    dX = jnp.einsum("bcgrij,bcgrip->bcgrjp", M, dyc)
+    dM = jnp.einsum("bcgrip,bcgrjp->bcgrij", dyc, X)
+    dMM = dM * M  # d decay_ij * decay_ij: enters s_i with +, s_j with -
+    ones = jnp.ones((q,), f32)  # row and column sums as matrix-vector products (XLA:CPU reduces these slowly)
+    ds = jnp.einsum("bcgrij,j->bcgri", dMM, ones) - jnp.einsum("bcgrij,i->bcgrj", dMM, ones)
+    d_scores = sum(dM[:, :, :, k] * decay[:, :, :, k] for k in range(r))  # over the heads sharing B and C
+    dC = jnp.einsum("bcgij,bcgjn->bcgin", d_scores, Bc)
+    dB = jnp.einsum("bcgij,bcgin->bcgjn", d_scores, Cc)
+
+    # Read-out of the entering state: y_i += exp(s_i) C_i . E_c.
+    d_readout = dyc * s_exp[..., None]
+    readout = jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering)
+    ds = ds + jnp.sum(d_readout * readout, axis=-1)
+    dC = dC + jnp.einsum("bcgrip,bcgrpn->bcgin", d_readout, entering)
+    d_entering = jnp.einsum("bcgrip,bcgin->bcgrpn", d_readout, Cc)
+
+    # Across chunks, in reverse: T_c = dE_c + exp(s_end_c) T_{c+1}, T_C = d_final.
+    chunk_decay = jnp.exp(s_end)
+    d_final = d_final.astype(f32).reshape(b, g, r, p, n)
+    totals = jnp.flip(_linear_scan(jnp.flip(chunk_decay, 1), jnp.flip(d_entering, 1), d_final), 1)
+    d_states = jnp.concatenate([totals[:, 1:], d_final[:, None]], axis=1)  # cotangent of each chunk's state
+    d_init = totals[:, 0]
+    ds_end = jnp.sum(d_states * entering, axis=(-2, -1)) * chunk_decay
+
+    # Chunk states: H_c = sum_j B_j (exp(s_end - s_j) X_j).
+    dHB = jnp.einsum("bcgrpn,bcgjn->bcgrjp", d_states, Bc)
+    dX = dX + dHB * to_end[..., None]
+    dB = dB + jnp.einsum("bcgrjp,bcgrpn->bcgjn", X * to_end[..., None], d_states)
+    d_to_end = jnp.sum(X * dHB, axis=-1) * to_end
+    ds = ds - d_to_end
+    ds_end = ds_end + jnp.sum(d_to_end, axis=-1)
+    ds = ds.at[..., -1].add(ds_end)
+
+    # s = cumsum(dt * A); X = x * dt.
+    da = jnp.flip(jnp.cumsum(jnp.flip(ds, -1), axis=-1), -1)
+    A_gr = A.astype(f32).reshape(g, r)[:, :, None]
+    dxc = dX * dtc[..., None]
+    ddtc = jnp.sum(dX * xc, axis=-1) + da * A_gr
+    dA = jnp.sum(da * dtc, axis=(0, 1, 4)).reshape(h)
+
+    dy32 = dy.astype(f32)
+    dx = _from_chunks(dxc, length) + D.astype(f32)[:, None] * dy32
+    ddt = ddtc.transpose(0, 1, 4, 2, 3).reshape(b, -1, h)[:, :length]
+    dB = dB.transpose(0, 1, 3, 2, 4).reshape(b, -1, g, n)[:, :length]
+    dC = dC.transpose(0, 1, 3, 2, 4).reshape(b, -1, g, n)[:, :length]
+    dD = jnp.sum(sum_leading(dy32 * x.astype(f32), 2), axis=-1)
+    return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
+            dC.astype(C.dtype), dD.astype(D.dtype), d_init.reshape(init.shape).astype(init.dtype))
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
 def ssd_sequential(
