@@ -34,10 +34,16 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(res, dy):
     x, w = res
-    # The weight gradient contracts over tokens. Left to itself XLA:CPU transposes the (large, often
-    # freshly computed) gradient for it; transposing the activation once is cheaper.
-    x_t = jax.lax.optimization_barrier(x.T)
-    return (dy @ w.T).astype(x.dtype), (x_t @ dy).astype(w.dtype)
+    tokens, k = x.shape
+    n = w.shape[1]
+    # The weight gradient contracts over tokens, so one operand must be transposed. XLA:CPU picks
+    # the gradient and fuses its elementwise producers into the strided transpose (~25x a plain
+    # one); transposing explicitly, on the side that moves fewer bytes, is much cheaper.
+    if tokens * k <= tokens * n + k * n:
+        dw = x.T @ dy
+    else:
+        dw = (dy.T @ x).T
+    return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -10,13 +10,39 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.layers.common import param
-from nemojax.ops.sums import sum_leading
+from nemojax.ops.sums import sum_last, sum_leading
 
 
 def rms_normalize(x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
     """x / rms(x) over the last axis, in float32."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: Float[Array, "... d"], scale: Float[Array, " d"], eps: float) -> Float[Array, "... d"]:
+    """scale * x / rms(x): fp32 statistics and scale, result in the input dtype."""
+    return (rms_normalize(x, eps) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, scale, eps):
+    return rms_norm(x, scale, eps), (x, scale)
+
+
+def _rms_norm_bwd(eps, res, d_out):
+    x, scale = res
+    x32 = x.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    normed = x32 * rstd
+    d_normed = d_out.astype(jnp.float32) * scale.astype(jnp.float32)
+    dx = rstd * (d_normed - normed * (sum_last(d_normed * normed) / x.shape[-1])[..., None])
+    # As a token contraction: XLA:CPU's reduction over leading axes is ~30 ms here, the dot ~1 ms.
+    flat = (-1, x.shape[-1])
+    d_scale = jnp.einsum("td,td->d", d_out.astype(jnp.float32).reshape(flat), normed.reshape(flat))
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -28,7 +54,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         scale = param(self, "scale", jax.nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype)
-        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, scale, self.eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -61,7 +87,8 @@ def _gated_norm_bwd(n_groups, eps, res, d_out):
     grouped_shape = (*lead, n_groups, (heads // n_groups) * head_dim)
     normed = ((y32 * silu).reshape(grouped_shape) * rstd)
     d_normed = (d_out.astype(jnp.float32) * scale.astype(jnp.float32)).reshape(grouped_shape)
-    d_gated = (rstd * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))).reshape(y.shape)
+    d_gated = (rstd * (d_normed - normed * (sum_last(d_normed * normed) / normed.shape[-1])[..., None]))
+    d_gated = d_gated.reshape(y.shape)
     d_scale = sum_leading(d_out.astype(jnp.float32) * normed.reshape(y.shape), len(lead))
     dy = d_gated * silu
     dz = d_gated * y32 * sig * (1 + z32 * (1 - sig))

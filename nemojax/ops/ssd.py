@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from nemojax.ops.sums import sum_leading
+from nemojax.ops.sums import sum_last, sum_leading
 
 f32 = jnp.float32
 
@@ -152,7 +152,7 @@ def _ssd_bwd(q, res, cotangents):
     # Read-out of the entering state: y_i += exp(s_i) C_i . E_c.
     d_readout = dyc * s_exp[..., None]
     readout = jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering)
-    ds = ds + jnp.sum(d_readout * readout, axis=-1)
+    ds = ds + sum_last(d_readout * readout)
     dC = dC + jnp.einsum("bcgrip,bcgrpn->bcgin", d_readout, entering)
     d_entering = jnp.einsum("bcgrip,bcgin->bcgrpn", d_readout, Cc)
 
@@ -168,7 +168,7 @@ def _ssd_bwd(q, res, cotangents):
     dHB = jnp.einsum("bcgrpn,bcgjn->bcgrjp", d_states, Bc)
     dX = dX + dHB * to_end[..., None]
     dB = dB + jnp.einsum("bcgrjp,bcgrpn->bcgjn", X * to_end[..., None], d_states)
-    d_to_end = jnp.sum(X * dHB, axis=-1) * to_end
+    d_to_end = sum_last(X * dHB) * to_end
     ds = ds - d_to_end
     ds_end = ds_end + jnp.sum(d_to_end, axis=-1)
     ds = ds.at[..., -1].add(ds_end)
@@ -177,7 +177,7 @@ def _ssd_bwd(q, res, cotangents):
     da = jnp.flip(jnp.cumsum(jnp.flip(ds, -1), axis=-1), -1)
     A_gr = A.astype(f32).reshape(g, r)[:, :, None]
     dxc = dX * dtc[..., None]
-    ddtc = jnp.sum(dX * xc, axis=-1) + da * A_gr
+    ddtc = sum_last(dX * xc) + da * A_gr
     dA = jnp.sum(da * dtc, axis=(0, 1, 4)).reshape(h)
 
     dy32 = dy.astype(f32)

@@ -17,3 +17,8 @@ def sum_leading(x: jax.Array, n_axes: int) -> jax.Array:
         rows *= size
     flat = x.reshape(rows, -1).astype(jnp.float32)
     return jnp.einsum("t,tc->c", jnp.ones((rows,), jnp.float32), flat).reshape(x.shape[n_axes:])
+
+
+def sum_last(x: jax.Array) -> jax.Array:
+    """x summed over its last axis, in float32, as a matrix-vector product."""
+    return jnp.einsum("...k,k->...", x.astype(jnp.float32), jnp.ones((x.shape[-1],), jnp.float32))

@@ -46,17 +46,26 @@ def lm_head_loss(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], token
 
 
 def _chunks(head, vocab_chunk):
+    """Chunk width, count and the head padded to a whole number of chunks.
+
+    A width that divides the vocabulary (down to half of `vocab_chunk`) avoids padding and masking.
+    """
     vocab = head.shape[1]
     size = min(vocab_chunk, vocab)
+    size = next((s for s in range(size, size // 2, -1) if vocab % s == 0), size)
     count = -(-vocab // size)
-    return size, count, jnp.pad(head, ((0, 0), (0, size * count - vocab)))
+    if size * count != vocab:
+        head = jnp.pad(head, ((0, 0), (0, size * count - vocab)))
+    return size, count, head
 
 
 def _chunk_logits(h, head_padded, start, size, vocab):
     w = jax.lax.dynamic_slice_in_dim(head_padded, start, size, axis=1)
     logits = jnp.einsum("td,dv->tv", h, w.astype(h.dtype), preferred_element_type=f32)
     column = start + jnp.arange(size)
-    return jnp.where(column[None, :] < vocab, logits, -jnp.inf), column
+    if head_padded.shape[1] != vocab:
+        logits = jnp.where(column[None, :] < vocab, logits, -jnp.inf)
+    return logits, column
 
 
 def _forward(h, head, targets, weights, vocab_chunk):
@@ -109,7 +118,9 @@ def _fused_loss(vocab_chunk: int):
 
         init = (jnp.zeros(h.shape, f32), jnp.zeros(head_padded.shape, f32))
         (dh, dhead), _ = jax.lax.scan(step, init, jnp.arange(count))
-        return dh.astype(h.dtype), dhead[:, :vocab].astype(head.dtype), None, None
+        if dhead.shape[1] != vocab:
+            dhead = dhead[:, :vocab]
+        return dh.astype(h.dtype), dhead.astype(head.dtype), None, None
 
     fused.defvjp(fwd, bwd)
     return fused
