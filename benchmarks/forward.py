@@ -51,12 +51,10 @@ def main() -> None:
     ids_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.tokens)).astype(np.int32)
     flops = forward_flops(cfg, 1, args.tokens)
 
-    ceiling = matmul_flops_per_second()
+    ceiling_before = matmul_flops_per_second()
     print(f"small hybrid: {n_params / 1e6:.1f}M parameters, {args.tokens} tokens, "
           f"{flops / 1e9:.1f} GFLOP forward; {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"torch threads {torch.get_num_threads()}")
-    print(f"matmul ceiling (jitted 2048^3 fp32): {ceiling / 1e9:.1f} GFLOP/s -> floors: forward "
-          f"{flops / ceiling:.2f} s, forward+backward {3 * flops / ceiling:.2f} s")
 
     model = nemojax.NemotronH(cfg)
     ids = jnp.asarray(ids_np)
@@ -81,6 +79,10 @@ def main() -> None:
         results["transformers forward"] = median_seconds(torch_forward, args.repeats)
         results["transformers forward+backward"] = median_seconds(torch_backward, args.repeats)
 
+    # The machine is shared: take the better of two ceiling readings, so "of ceiling" is conservative.
+    ceiling = max(ceiling_before, matmul_flops_per_second())
+    print(f"matmul ceiling (jitted 2048^3 fp32, best of before/after): {ceiling / 1e9:.1f} GFLOP/s -> floors: "
+          f"forward {flops / ceiling:.2f} s, forward+backward {3 * flops / ceiling:.2f} s")
     print(f"{'':32s} {'median s':>9s} {'GFLOP/s':>9s} {'of ceiling':>10s}")
     for name, seconds in results.items():
         work = flops * (3 if "backward" in name else 1)
