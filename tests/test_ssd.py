@@ -17,8 +17,9 @@ def rel(a, b):
     return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
 
 
-@pytest.fixture(scope="module")
-def inputs():
+@pytest.fixture(scope="module", params=[(H, G), (4, 4)], ids=["3_heads_per_group", "1_head_per_group"])
+def inputs(request):
+    H, G = request.param
     k = jax.random.split(jax.random.key(0), 7)
     return dict(
         x=jax.random.normal(k[0], (B, L, H, P)),
@@ -52,8 +53,11 @@ def test_chunked_equals_sequential(inputs, chunk, with_state):
 
     grads = jax.grad(objective(ssd_chunked, chunk_size=chunk))(args)
     grads_ref = jax.grad(objective(ssd_sequential))(args)
+    # Gradients get 5e-5: dA sums every position's contribution, and the chunked form takes in-chunk
+    # decays from differences of cumulative sums. Against a float64 run of the sequential scan the
+    # chunked dA is off by up to 2.3e-5 here (the fp32 sequential scan by 2.3e-6); the rest by < 1e-5.
     for name in args:
-        assert rel(grads[name], grads_ref[name]) < 1e-5, name
+        assert rel(grads[name], grads_ref[name]) < (5e-5 if name == "A" else 1e-5), name
 
 
 def test_memory_is_linear_in_length(inputs):

@@ -44,31 +44,31 @@ def ssd_chunked(
     return _ssd(x, dt, A, B, C, D, init, chunk_size)
 
 
-def _to_chunks(t: jax.Array, q: int, g: int) -> jax.Array:
-    """[b l h ...] or [b l g n] sequence layout -> head-major chunks [b c g (r) q ...] in fp32.
-
-    Padded steps get dt = 0 (and x = 0): no decay and no input, so they change neither outputs nor
-    the final state.
-    """
-    b, length = t.shape[:2]
-    pad = -length % q
-    t = jnp.pad(t.astype(f32), [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
-    c = t.shape[1] // q
-    rest = t.shape[2:]
-    if len(rest) == 1:  # [b l h] -> [b c g r q]
-        return t.reshape(b, c, q, g, rest[0] // g).transpose(0, 1, 3, 4, 2)
-    if rest[0] == g:  # [b l g n] -> [b c g q n]
-        return t.reshape(b, c, q, *rest).transpose(0, 1, 3, 2, 4)
-    return t.reshape(b, c, q, g, rest[0] // g, rest[1]).transpose(0, 1, 3, 4, 2, 5)  # -> [b c g r q p]
+def _pad_time(t: jax.Array, q: int) -> jax.Array:
+    """fp32, time (axis 1) padded to whole chunks. Padded steps get dt = 0 (and x = 0): no decay and no
+    input, so they change neither outputs nor the final state."""
+    return jnp.pad(t.astype(f32), [(0, 0), (0, -t.shape[1] % q)] + [(0, 0)] * (t.ndim - 2))
 
 
-def _from_chunks(t: jax.Array, length: int) -> jax.Array:
-    """Inverse of `_to_chunks`, cropping the padding."""
-    b, c, g = t.shape[:3]
-    if t.ndim == 6:  # [b c g r q p] -> [b l h p]
-        r, q, p = t.shape[3:]
-        return t.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, g * r, p)[:, :length]
-    raise ValueError(t.shape)
+def _chunk_heads(t: jax.Array, q: int, g: int) -> jax.Array:
+    """[b l h] -> [b c g r q] or [b l h p] -> [b c g r q p]: heads split into groups, chunk-major."""
+    t = _pad_time(t, q)
+    b, padded, h = t.shape[:3]
+    t = t.reshape(b, padded // q, q, g, h // g, *t.shape[3:])
+    return jnp.moveaxis(t, 2, 4)
+
+
+def _chunk_groups(t: jax.Array, q: int) -> jax.Array:
+    """[b l g n] -> [b c g q n]."""
+    t = _pad_time(t, q)
+    b, padded = t.shape[:2]
+    return t.reshape(b, padded // q, q, *t.shape[2:]).transpose(0, 1, 3, 2, 4)
+
+
+def _unchunk_heads(t: jax.Array, length: int) -> jax.Array:
+    """[b c g r q ...] -> [b l h ...], cropping the padding."""
+    b, c, g, r, q = t.shape[:5]
+    return jnp.moveaxis(t, 4, 2).reshape(b, c * q, g * r, *t.shape[5:])[:, :length]
 
 
 def _decay(s: jax.Array) -> jax.Array:
@@ -90,8 +90,8 @@ def _linear_scan(decay: jax.Array, inputs: jax.Array, first: jax.Array) -> jax.A
 
 def _chunked_inputs(x, dt, A, B, C, q):
     g = B.shape[2]
-    xc, dtc = _to_chunks(x, q, g), _to_chunks(dt, q, g)
-    Bc, Cc = _to_chunks(B, q, g), _to_chunks(C, q, g)
+    xc, dtc = _chunk_heads(x, q, g), _chunk_heads(dt, q, g)
+    Bc, Cc = _chunk_groups(B, q), _chunk_groups(C, q)
     s = jnp.cumsum(dtc * A.astype(f32).reshape(g, -1)[:, :, None], axis=-1)  # [b c g r q]
     return xc, dtc, Bc, Cc, s
 
@@ -108,7 +108,7 @@ def _ssd_forward(x, dt, A, B, C, D, init, q):
     ends = _linear_scan(jnp.exp(s_end), states, init.astype(f32).reshape(b, g, h // g, p, n))
     entering = jnp.concatenate([init.astype(f32).reshape(b, 1, g, h // g, p, n), ends[:, :-1]], axis=1)
     y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering) * jnp.exp(s)[..., None]  # from earlier chunks
-    y = _from_chunks(y, length) + D.astype(f32)[:, None] * x.astype(f32)
+    y = _unchunk_heads(y, length) + D.astype(f32)[:, None] * x.astype(f32)
     return y, ends[:, -1].reshape(b, h, p, n), entering
 
 
@@ -130,7 +130,7 @@ def _ssd_bwd(q, res, cotangents):
     g, n = B.shape[-2:]
     r = h // g
     xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
-    dyc = _to_chunks(dy, q, g)
+    dyc = _chunk_heads(dy, q, g)
     X = xc * dtc[..., None]
     decay = _decay(s)
     scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
@@ -181,8 +181,8 @@ def _ssd_bwd(q, res, cotangents):
     dA = jnp.sum(da * dtc, axis=(0, 1, 4)).reshape(h)
 
     dy32 = dy.astype(f32)
-    dx = _from_chunks(dxc, length) + D.astype(f32)[:, None] * dy32
-    ddt = ddtc.transpose(0, 1, 4, 2, 3).reshape(b, -1, h)[:, :length]
+    dx = _unchunk_heads(dxc, length) + D.astype(f32)[:, None] * dy32
+    ddt = _unchunk_heads(ddtc, length)
     dB = dB.transpose(0, 1, 3, 2, 4).reshape(b, -1, g, n)[:, :length]
     dC = dC.transpose(0, 1, 3, 2, 4).reshape(b, -1, g, n)[:, :length]
     dD = jnp.sum(sum_leading(dy32 * x.astype(f32), 2), axis=-1)
