@@ -36,8 +36,8 @@ def inputs(request):
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunked_equals_sequential(inputs, chunk, with_state):
     args = dict(inputs) if with_state else {k: v for k, v in inputs.items() if k != "initial_state"}
-    y, state = ssd_chunked(chunk_size=chunk, **args)
-    y_ref, state_ref = ssd_sequential(**args)
+    y, state = jax.jit(ssd_chunked, static_argnames="chunk_size")(chunk_size=chunk, **args)
+    y_ref, state_ref = jax.jit(ssd_sequential)(**args)
     assert rel(y, y_ref) < 1e-5
     assert rel(state, state_ref) < 1e-5
 
@@ -51,8 +51,8 @@ def test_chunked_equals_sequential(inputs, chunk, with_state):
             return jnp.sum(y * weights) + jnp.sum(s * wstate)
         return f
 
-    grads = jax.grad(objective(ssd_chunked, chunk_size=chunk))(args)
-    grads_ref = jax.grad(objective(ssd_sequential))(args)
+    grads = jax.jit(jax.grad(objective(ssd_chunked, chunk_size=chunk)))(args)
+    grads_ref = jax.jit(jax.grad(objective(ssd_sequential)))(args)
     # Gradients get 5e-5: dA sums every position's contribution, and the chunked form takes in-chunk
     # decays from differences of cumulative sums. Against a float64 run of the sequential scan the
     # chunked dA is off by up to 2.3e-5 here (the fp32 sequential scan by 2.3e-6); the rest by < 1e-5.
