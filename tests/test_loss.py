@@ -13,19 +13,21 @@ def rel(a, b):
     return float(jnp.linalg.norm(jnp.ravel(a - b)) / jnp.linalg.norm(jnp.ravel(b)))
 
 
-@pytest.mark.parametrize("vocab_chunk", [5, 37, 64])  # uneven chunks, exactly the vocabulary, larger than it
+@pytest.mark.parametrize("chunk_logits", [37 * 5, 37 * 8, 37 * 64])  # 16 targets: uneven chunks, two whole chunks, one
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_loss_matches_logits_loss(vocab_chunk, masked):
+def test_fused_loss_matches_logits_loss(chunk_logits, masked):
     k = jax.random.split(jax.random.key(0), 4)
     hidden = jax.random.normal(k[0], (2, 9, 16))
     head = jax.random.normal(k[1], (16, 37))
     tokens = jax.random.randint(k[2], (2, 9), 0, 37)
     mask = jax.random.bernoulli(k[3], 0.7, (2, 9)) if masked else None
 
-    fused = jax.value_and_grad(lambda h, w: lm_head_loss(h, w, tokens, mask, vocab_chunk), argnums=(0, 1))
+    fused = jax.value_and_grad(lambda h, w: lm_head_loss(h, w, tokens, mask, chunk_logits), argnums=(0, 1))
     plain = jax.value_and_grad(lambda h, w: next_token_loss(h @ w, tokens, mask), argnums=(0, 1))
     (loss, grads), (loss_ref, grads_ref) = fused(hidden, head), plain(hidden, head)
     assert abs(float(loss) - float(loss_ref)) <= 1e-6 * float(loss_ref)
+    undifferentiated = lm_head_loss(hidden, head, tokens, mask, chunk_logits)  # the loss-only path
+    assert abs(float(undifferentiated) - float(loss_ref)) <= 1e-6 * float(loss_ref)
     for g, g_ref in zip(grads, grads_ref):
         assert rel(g, g_ref) < 1e-6
 

@@ -1,9 +1,9 @@
 """Next-token cross-entropy: from logits, and fused with the LM head.
 
-`lm_head_loss` never materialises the [tokens, vocab] logits: it walks the vocabulary in chunks, an
-online log-sum-exp in the forward and a recomputing backward, so a chunk's logits stay in cache. On
+`lm_head_loss` never materialises the [tokens, vocab] logits of the whole batch: it walks the tokens
+in chunks, and when differentiated computes the gradients in that same walk (see `_fused_loss`). On
 the 110M benchmark model this removes the costliest part of a training step (the full logits' softmax
-gradient, ~0.5 GB of memory traffic per step) and the logits' memory.
+gradient and one of the four vocabulary-sized matmuls) and the logits' memory.
 """
 
 from __future__ import annotations
@@ -36,91 +36,74 @@ def next_token_loss(logits: Float[Array, "b l v"], tokens: Int[Array, "b l"],
 
 
 def lm_head_loss(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], tokens: Int[Array, "b l"],
-                 mask: Bool[Array, "b l"] | None = None, vocab_chunk: int = 2048) -> Float[Array, ""]:
-    """`next_token_loss(hidden @ head, tokens, mask)` without the full logits (equal up to fp32 rounding)."""
+                 mask: Bool[Array, "b l"] | None = None, chunk_logits: int = 2**24) -> Float[Array, ""]:
+    """`next_token_loss(hidden @ head, tokens, mask)` without the full logits (equal up to fp32 rounding).
+
+    Tokens are processed in chunks of about `chunk_logits` logits each.
+    """
     b, length, d = hidden.shape
     targets, weights = _targets_and_weights(tokens, mask)
-    h = hidden[:, :-1].reshape(-1, d)
-    weights = weights.reshape(-1) / jnp.maximum(jnp.sum(weights), 1.0)
-    return _fused_loss(vocab_chunk)(h, head, targets.reshape(-1), weights)
+    weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
+    tokens_per_chunk = max(1, min(b * (length - 1), chunk_logits // head.shape[1]))
+    return _fused_loss(tokens_per_chunk)(hidden[:, :-1].reshape(-1, d), head, targets.reshape(-1),
+                                         weights.reshape(-1))
 
 
-def _chunks(head, vocab_chunk):
-    """Chunk width, count and the head padded to a whole number of chunks.
-
-    A width that divides the vocabulary (down to half of `vocab_chunk`) avoids padding and masking.
-    """
-    vocab = head.shape[1]
-    size = min(vocab_chunk, vocab)
-    size = next((s for s in range(size, size // 2, -1) if vocab % s == 0), size)
-    count = -(-vocab // size)
-    if size * count != vocab:
-        head = jnp.pad(head, ((0, 0), (0, size * count - vocab)))
-    return size, count, head
+def _chunked(t: jax.Array, size: int) -> jax.Array:
+    """[tokens, ...] -> [chunks, size, ...], zero-padded (padded tokens get weight 0)."""
+    t = jnp.pad(t, [(0, -t.shape[0] % size)] + [(0, 0)] * (t.ndim - 1))
+    return t.reshape(-1, size, *t.shape[1:])
 
 
-def _chunk_logits(h, head_padded, start, size, vocab):
-    w = jax.lax.dynamic_slice_in_dim(head_padded, start, size, axis=1)
-    logits = jnp.einsum("td,dv->tv", h, w.astype(h.dtype), preferred_element_type=f32)
-    column = start + jnp.arange(size)
-    if head_padded.shape[1] != vocab:
-        logits = jnp.where(column[None, :] < vocab, logits, -jnp.inf)
-    return logits, column
-
-
-def _forward(h, head, targets, weights, vocab_chunk):
-    size, count, head_padded = _chunks(head, vocab_chunk)
-    vocab, tokens = head.shape[1], h.shape[0]
-
-    def step(carry, i):
-        running_max, running_sum, target_logit = carry
-        logits, column = _chunk_logits(h, head_padded, i * size, size, vocab)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
-            jnp.exp(logits - new_max[:, None]), axis=-1)
-        target_logit += jnp.sum(jnp.where(column[None, :] == targets[:, None], logits, 0.0), axis=-1)
-        return (new_max, running_sum, target_logit), None
-
-    init = (jnp.full((tokens,), -jnp.inf, f32), jnp.zeros((tokens,), f32), jnp.zeros((tokens,), f32))
-    (running_max, running_sum, target_logit), _ = jax.lax.scan(step, init, jnp.arange(count))
-    lse = running_max + jnp.log(running_sum)
-    return jnp.sum(weights * (lse - target_logit)), lse
+def _chunk_nll(h, head, targets, weights):
+    """Weighted summed NLL of one token chunk, and d(that)/d(logits)."""
+    logits = jnp.einsum("td,dv->tv", h, head, preferred_element_type=f32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    one_hot = jnp.arange(logits.shape[1])[None, :] == targets[:, None]
+    dlogits = (jnp.exp(logits - lse[:, None]) - one_hot) * weights[:, None]
+    return jnp.sum(weights * (lse - target_logit)), dlogits
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_loss(vocab_chunk: int):
-    """sum_t weights_t * nll_t for flat tokens, with a backward that recomputes each logits chunk."""
+def _fused_loss(tokens_per_chunk: int):
+    """sum_t weights_t * nll_t over flat tokens, chunk by chunk.
+
+    Under differentiation the forward also computes the gradients (the loss is a scalar, so the
+    backward only scales them): three [tokens, d] x [d, vocab] matmuls per step instead of the four a
+    recomputing backward needs. The chunks run through `lax.scan`, so only one chunk's logits live.
+    """
+
+    def loss_only(h, head, targets, weights):
+        def step(total, chunk):
+            return total + _chunk_nll(*chunk[:1], head.astype(h.dtype), *chunk[1:])[0], None
+
+        chunks = tuple(_chunked(t, tokens_per_chunk) for t in (h, targets, weights))
+        return jax.lax.scan(step, jnp.zeros((), f32), chunks)[0]
 
     @jax.custom_vjp
     def fused(h, head, targets, weights):
-        return _forward(h, head, targets, weights, vocab_chunk)[0]
+        return loss_only(h, head, targets, weights)
 
     def fwd(h, head, targets, weights):
-        loss, lse = _forward(h, head, targets, weights, vocab_chunk)
-        return loss, (h, head, targets, weights, lse)
+        head_c = head.astype(h.dtype)
 
-    def bwd(res, g):
-        h, head, targets, weights, lse = res
-        size, count, head_padded = _chunks(head, vocab_chunk)
-        vocab = head.shape[1]
-        h_t = h.T  # transposed once, so every chunk's weight gradient is a plain matmul
-        scale = (weights * g)[:, None]
+        def step(carry, chunk):
+            total, dhead = carry
+            h_c, targets_c, weights_c = chunk
+            nll, dlogits = _chunk_nll(h_c, head_c, targets_c, weights_c)
+            dh = jnp.einsum("tv,dv->td", dlogits.astype(h.dtype), head_c, preferred_element_type=f32)
+            dhead = dhead + jnp.einsum("dt,tv->dv", h_c.T.astype(f32), dlogits)
+            return (total + nll, dhead), dh
 
-        def step(carry, i):
-            dh, dhead = carry
-            logits, column = _chunk_logits(h, head_padded, i * size, size, vocab)
-            dlogits = (jnp.exp(logits - lse[:, None]) - (column[None, :] == targets[:, None])) * scale
-            w = jax.lax.dynamic_slice_in_dim(head_padded, i * size, size, axis=1).astype(f32)
-            dh = dh + jnp.einsum("tv,dv->td", dlogits, w)
-            dhead = jax.lax.dynamic_update_slice_in_dim(
-                dhead, jnp.einsum("dt,tv->dv", h_t.astype(f32), dlogits), i * size, axis=1)
-            return (dh, dhead), None
+        chunks = tuple(_chunked(t, tokens_per_chunk) for t in (h, targets, weights))
+        (loss, dhead), dh = jax.lax.scan(step, (jnp.zeros((), f32), jnp.zeros(head.shape, f32)), chunks)
+        dh = dh.reshape(-1, h.shape[1])[:h.shape[0]]
+        return loss, (dh.astype(h.dtype), dhead.astype(head.dtype))
 
-        init = (jnp.zeros(h.shape, f32), jnp.zeros(head_padded.shape, f32))
-        (dh, dhead), _ = jax.lax.scan(step, init, jnp.arange(count))
-        if dhead.shape[1] != vocab:
-            dhead = dhead[:, :vocab]
-        return dh.astype(h.dtype), dhead.astype(head.dtype), None, None
+    def bwd(grads, g):
+        dh, dhead = grads
+        return (g * dh).astype(dh.dtype), (g * dhead).astype(dhead.dtype), None, None
 
     fused.defvjp(fwd, bwd)
     return fused
