@@ -26,9 +26,9 @@ from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E
 from nemojax.flops import forward_flops  # noqa: E402
 from nemojax.train.loss import model_loss  # noqa: E402
 
-SMALL = dict(vocab_size=32000, hidden_size=768, hybrid_override_pattern="M-M-M*-M-M-M*-", num_attention_heads=12,
-             num_key_value_heads=4, head_dim=64, intermediate_size=3072, mamba_num_heads=24, mamba_head_dim=64,
-             ssm_state_size=128, n_groups=8, chunk_size=128, conv_kernel=4)
+from configs import small  # noqa: E402
+
+SMALL = small.get_config().model.to_dict()
 
 
 def main() -> None:

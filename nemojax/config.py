@@ -2,7 +2,7 @@
 
 `ModelConfig.from_hf` reads any released `config.json` (old and new spellings) and validates it;
 `to_hf` writes the current spelling back. Runtime choices that are not part of the checkpoint
-(`param_dtype`, `dtype`) live here too, so one object describes how a model is built.
+(`param_dtype`, `dtype`, `remat`) live here too, so one object describes how a model is built.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ LEGACY_NAMES = {
 }
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat")  # how to run a model, not part of config.json
 
 
 class ConfigError(ValueError):
@@ -110,6 +112,7 @@ class ModelConfig:
     # nemojax runtime choices (not written to config.json).
     param_dtype: str = "float32"
     dtype: str = "float32"
+    remat: str = "none"  # rematerialise each block in the backward: none | full | dots (keep matmul outputs)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,6 +180,8 @@ class ModelConfig:
                   f"= {self.time_step_max}")
         if "E" in pattern or "E" in (self.mtp_hybrid_override_pattern if self.num_nextn_predict_layers else ""):
             self._validate_moe()
+        if self.remat not in REMAT_POLICIES:
+            _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
         for name in ("param_dtype", "dtype", "mamba_ssm_cache_dtype"):
             if getattr(self, name) not in _SUPPORTED_DTYPES:
                 _fail(name, getattr(self, name), f"must be one of {_SUPPORTED_DTYPES}")
@@ -241,7 +246,7 @@ class ModelConfig:
         """The config.json dict transformers reads (current field names)."""
         out: dict[str, Any] = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
         for f in dataclasses.fields(self):
-            if f.name in ("param_dtype", "dtype", "hybrid_override_pattern", "mtp_hybrid_override_pattern"):
+            if f.name in (*RUNTIME_FIELDS, "hybrid_override_pattern", "mtp_hybrid_override_pattern"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value

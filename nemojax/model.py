@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -54,7 +55,11 @@ class NemotronH(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = param(self, "embed", normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
                            ("vocab", "embed"), pdt)
-        self.layers = [Block(cfg, kind) for kind in cfg.hybrid_override_pattern]
+        block = Block
+        if cfg.remat != "none":  # recompute each block's activations in the backward pass
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+            block = nn.remat(Block, policy=policy)
+        self.layers = [block(cfg, kind) for kind in cfg.hybrid_override_pattern]
         self.norm_f = RMSNorm(cfg.layer_norm_epsilon, pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),

@@ -37,6 +37,18 @@ def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[
     return weights * cfg.routed_scaling_factor, expert_ids
 
 
+def sequence_balance_loss(logits: Float[Array, "b l e"], expert_ids: Int[Array, "b l k"]) -> Float[Array, ""]:
+    """Sequence-level balance loss (DeepSeek-V3 style), averaged over sequences:
+    sum_i f_i P_i with f_i = E / (K L) x (tokens of the sequence routed to expert i) and
+    P_i = the sequence's mean of expert i's normalised sigmoid score. Minimal (1) when loads are uniform."""
+    experts, top_k, length = logits.shape[-1], expert_ids.shape[-1], logits.shape[1]
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    probs = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)  # [b e]
+    counts = jnp.sum(jax.nn.one_hot(expert_ids, experts, dtype=jnp.float32), axis=(1, 2))  # [b e]
+    load = jax.lax.stop_gradient(counts * experts / (top_k * length))
+    return jnp.mean(jnp.sum(load * probs, axis=-1))
+
+
 def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
                    up: Float[Array, "e d f"], down: Float[Array, "e f d"]) -> Float[Array, "t d"]:
     """Dropless expert MLPs: sort the (token, slot) assignments by expert, grouped matmuls, scatter back."""
@@ -68,7 +80,10 @@ class MoE(nn.Module):
         bias = param(self, "e_score_correction_bias", jax.nn.initializers.zeros, (e,), ("router",), jnp.float32)
         logits = jnp.einsum("td,de->te", flat.astype(jnp.float32), router.astype(jnp.float32))
         weights, expert_ids = route(cfg, logits, jax.lax.stop_gradient(bias))
+        # For the train loop (read only when "intermediates" is mutable): loads and the balance loss.
         self.sow("intermediates", "expert_counts", jnp.bincount(expert_ids.reshape(-1), length=e))
+        self.sow("intermediates", "balance_loss",
+                 sequence_balance_loss(logits.reshape(batch, length, e), expert_ids.reshape(batch, length, -1)))
 
         expert_in = "latent" if cfg.moe_latent_size else "embed"
         x = flat.astype(cdt)

@@ -1,0 +1,70 @@
+"""Defaults shared by every config; a model config overrides only what differs.
+
+`get_config()` returns the training config; `config.model` holds the architecture in Hugging Face's
+config.json field names (read by `ModelConfig.from_hf`). Every field can be overridden from the
+command line: `python train.py --config configs/tiny.py --config.total_steps=200 --config.seed=1`.
+"""
+
+import ml_collections
+
+# Facts shared by all released Nemotron hybrids (../shared/MODELS.md).
+RELEASED_MODEL_DEFAULTS = dict(
+    vocab_size=131072, tie_word_embeddings=False, layer_norm_epsilon=1e-5, conv_kernel=4, chunk_size=128,
+    n_groups=8, mamba_head_dim=64, ssm_state_size=128, head_dim=128, num_key_value_heads=8,
+    time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4, bos_token_id=1, pad_token_id=0,
+    eos_token_id=2, use_conv_bias=True, mamba_ssm_cache_dtype="float32",
+)
+
+
+def model_config(**fields) -> ml_collections.ConfigDict:
+    """A released model's architecture: the shared defaults plus `fields`."""
+    return ml_collections.ConfigDict({**RELEASED_MODEL_DEFAULTS, **fields})
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model_config()  # replaced by each model config
+    c.seed = 0
+    c.total_steps = 10_000
+    c.batch_size = 8  # sequences per optimizer step (all microbatches, all hosts)
+    c.grad_accum_steps = 1  # microbatches per step; batch_size must divide by it
+    c.seq_len = 4096
+    c.param_dtype = "float32"  # stored parameters and optimizer state
+    c.dtype = "bfloat16"  # matmul inputs
+    c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=3e-4,
+        schedule="cosine",  # cosine (warmup + cosine decay) | wsd (warmup, stable, decay)
+        warmup_steps=100,
+        decay_fraction=0.2,  # wsd: the last fraction of steps decays linearly
+        min_lr_ratio=0.1,  # the schedule ends at learning_rate x min_lr_ratio
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1,  # not applied to norms, biases, A_log, D, dt_bias
+        grad_clip=1.0,  # global-norm clipping; 0 turns it off
+    ))
+    c.moe = ml_collections.ConfigDict(dict(
+        bias_update_rate=1e-3,  # correction bias += rate * sign(mean load - load), once per step
+        aux_loss_coef=1e-4,  # sequence-level balance loss
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic",  # synthetic | text (txt / jsonl with a `text` field) | tokens (.npy / raw memmap)
+        paths=(),  # files (globs allowed) for text and tokens
+        tokenizer="",  # tokenizer.json (HF `tokenizers`) for text
+        text_field="text",  # jsonl key
+        tokens_dtype="int32",  # raw .bin token files
+        shuffle_seed=0,
+        eval_sequences=64,  # synthetic: held-out sequences for loss and recall accuracy
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
+
+    c.init_from = ""  # HF checkpoint directory or Orbax checkpoint to start from (ignored when resuming)
+    c.model_from_checkpoint = False  # take the architecture from init_from instead of config.model
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.log_every = 10
+    c.eval_every = 0  # 0: only at the end
+    c.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up (unknown kinds: no MFU)
+    return c

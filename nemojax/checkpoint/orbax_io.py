@@ -1,0 +1,109 @@
+"""Orbax checkpoints: the training checkpoints in a workdir, and parameter-only checkpoints.
+
+A checkpoint step directory holds items, each a subdirectory:
+- `params`: the parameter tree (OCDBT / tensorstore), `model`: the architecture as HF config.json fields;
+- training checkpoints add `opt_state`, `meta` (step and RNG), `data` (the grain iterator state, one file
+  per host) and `config` (the full training config).
+`load_params` reads `params` + `model` from either kind, so `train.py --config.init_from=` and `eval.py`
+take a training step directory or a converted checkpoint alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from nemojax.config import ModelConfig
+
+
+class _IteratorSnapshot:
+    """The grain iterator state at save time. Saving happens in the background, and the live iterator
+    moves on meanwhile; grain's handler stores this frozen copy (and restores into it)."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+class TrainCheckpoints:
+    """Async CheckpointManager over WORKDIR/checkpoints keeping the last `keep` steps."""
+
+    def __init__(self, workdir: str, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                             options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, rng: jax.Array, iterator_state: dict, config: dict,
+             cfg: ModelConfig) -> None:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave({"step": int(step), "rng": jax.random.key_data(rng).tolist()}),
+            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator_state)),
+            config=ocp.args.JsonSave(config),
+            model=ocp.args.JsonSave(cfg.to_hf()),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, jax.Array, dict]:
+        """(state with the given abstract state's structure and shardings, rng, iterator state)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            meta=ocp.args.JsonRestore(),
+            data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()),
+        ))
+        meta = restored["meta"]
+        rng = jax.random.wrap_key_data(jax.numpy.asarray(meta["rng"], jax.numpy.uint32))
+        state = abstract_state._replace(step=jax.numpy.asarray(meta["step"], jax.numpy.int32),
+                                        params=restored["params"], opt_state=restored["opt_state"])
+        return state, rng, restored["data"].state
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def save_params(path: str, params: Any, cfg: ModelConfig) -> None:
+    """A parameter-only checkpoint (`params` + `model` items) that `load_params` reads."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), model=ocp.args.JsonSave(cfg.to_hf())))
+
+
+def read_model_config(path: str, **runtime: Any) -> ModelConfig:
+    """The architecture stored with an Orbax checkpoint (its `model` item)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        hf = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    return ModelConfig.from_hf(hf["model"], **runtime)
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "model"))
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+    """The `params` item of an Orbax checkpoint, restored into `abstract_params`' shapes, dtypes and
+    shardings (a tree of `jax.ShapeDtypeStruct`s)."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+    return restored["params"]

@@ -1,0 +1,67 @@
+"""The grain pipeline from `config.data` to batches: source -> shuffle -> repeat -> host shard -> batch.
+
+Its iterator's state (`get_state` / `set_state`) is saved with every checkpoint, so a resumed run
+reads exactly the batches an uninterrupted one would have, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from nemojax.config import ModelConfig
+from nemojax.data.sources import DataError, TokenWindows, expand_paths, open_token_file, tokenize_text_files
+from nemojax.data.synthetic import SyntheticSource
+
+_EVAL_STREAM = 1_000_003  # synthetic eval sequences come from their own stream of the same language
+
+
+def _eos(cfg: ModelConfig) -> int:
+    eos = cfg.eos_token_id
+    if isinstance(eos, (tuple, list)):
+        eos = eos[0]
+    if eos is None:
+        raise DataError("config field `model.eos_token_id` is None: packing needs an end-of-document token")
+    return int(eos)
+
+
+def make_source(data: ml_collections.ConfigDict, cfg: ModelConfig, seq_len: int, seed: int):
+    if data.source == "synthetic":
+        if cfg.vocab_size < 256:
+            raise DataError(f"data.source 'synthetic' is byte-level: needs vocab_size >= 256, "
+                            f"model has {cfg.vocab_size}")
+        return SyntheticSource(seed, seq_len)
+    if data.source == "text":
+        stream = tokenize_text_files(data.paths, data.tokenizer, data.text_field, cfg.vocab_size, _eos(cfg))
+        return TokenWindows([stream], list(expand_paths(data.paths)), seq_len, _eos(cfg), cfg.vocab_size)
+    if data.source == "tokens":
+        paths = expand_paths(data.paths)
+        return TokenWindows([open_token_file(p, data.tokens_dtype) for p in paths], paths, seq_len, _eos(cfg),
+                            cfg.vocab_size)
+    raise DataError(f"config field `data.source` = {data.source!r}: expected synthetic, text or tokens")
+
+
+def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain.DatasetIterator:
+    """Batches of {"tokens", "mask", ...} with this host's share of `config.batch_size` sequences."""
+    source = make_source(config.data, cfg, config.seq_len, config.data.shuffle_seed)
+    dataset = grain.MapDataset.source(source)
+    if not isinstance(source, SyntheticSource):  # synthetic sequences are already independent draws
+        dataset = dataset.shuffle(seed=config.data.shuffle_seed).repeat()
+    hosts, host = jax.process_count(), jax.process_index()
+    if config.batch_size % hosts:
+        raise ValueError(f"config field `batch_size` = {config.batch_size}: must divide by {hosts} hosts")
+    dataset = dataset[host::hosts].batch(config.batch_size // hosts, drop_remainder=True)
+    return iter(dataset.to_iter_dataset())
+
+
+def eval_batches(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
+    """Held-out synthetic sequences (with recall positions), batched; empty for other sources."""
+    if config.data.source != "synthetic" or not config.data.eval_sequences:
+        return []
+    source = SyntheticSource(config.data.shuffle_seed + _EVAL_STREAM, config.seq_len)
+    examples = [source[i] for i in range(config.data.eval_sequences)]
+    size = min(config.batch_size, len(examples))
+    return [{k: np.stack([e[k] for e in examples[i:i + size]]) for k in examples[0]}
+            for i in range(0, len(examples) - size + 1, size)]

@@ -1,0 +1,69 @@
+"""Meshes and the logical-axis rules: the one place that decides how arrays are laid out on devices.
+
+Parameters carry logical axis names (`embed`, `heads`, `experts`, ...; see `layers/common.py::param`);
+`LOGICAL_RULES` maps each to mesh axes, so one model definition runs on 1 CPU, a GPU node or a pod slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axis (or axes); names not listed are replicated.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("ssm_heads", "tensor"),
+    ("ssm_groups", "tensor"),
+    ("experts", "expert"),
+    ("moe_mlp", "tensor"),
+)
+
+
+def mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
+    """Resolve one -1 ("the remaining devices") in `sizes`; the product must equal `device_count`."""
+    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    unknown = [axis for axis, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"config field `mesh`: at most one axis may be -1, got {unknown}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if device_count % known:
+            raise ValueError(f"config field `mesh` = {sizes}: {device_count} devices do not divide by {known}")
+        sizes[unknown[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
+        raise ValueError(f"config field `mesh` = {sizes}: needs {math.prod(sizes.values())} devices, "
+                         f"have {device_count}")
+    return sizes
+
+
+def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(sizes, len(devices))
+    return Mesh(np.asarray(devices).reshape([shape[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of (abstract) parameters boxed with logical axis names."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[batch, ...] arrays split over every data-parallel axis."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), LOGICAL_RULES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

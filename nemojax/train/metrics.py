@@ -1,0 +1,92 @@
+"""Where training numbers go: tensorboardX scalars, WORKDIR/metrics.jsonl (one JSON object per logged
+step), and a progress bar with ETA on the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H20": 148e12, "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12, "NVIDIA GB200": 2500e12, "NVIDIA A100": 312e12,
+}
+
+
+def device_peak_flops(configured: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else looked up from the device kind."""
+    if configured:
+        return configured
+    kind = jax.devices()[0].device_kind
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Keep the records of steps <= last_step (a resumed run rewrites the rest); drops a torn last line."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", math.inf) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, start_step: int, total_steps: int, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if not enabled:
+            return
+        truncate_jsonl(self.jsonl_path, start_step)
+        self.jsonl = open(self.jsonl_path, "a")
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+        self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    self.tensorboard.add_scalar(f"{key}/{sub}", v, step)
+            elif key != "step":
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+
+    def advance(self, steps: int) -> None:
+        if self.enabled:
+            self.progress.update(steps)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.progress.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+            self.progress.close()

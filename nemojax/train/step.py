@@ -1,0 +1,112 @@
+"""One optimizer step: microbatched loss and gradients, AdamW update, MoE correction-bias update.
+
+The step is a pure function of (state, batch), jitted by the trainer with shardings from the mesh.
+Gradient accumulation runs inside it (`lax.scan` over microbatches), so a checkpoint always falls on a
+whole step and the accumulated loss equals the full batch's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+from nemojax.model import NemotronH
+from nemojax.train.loss import lm_head_loss
+
+f32 = jnp.float32
+
+
+class TrainState(NamedTuple):
+    step: Int[Array, ""]
+    params: Any
+    opt_state: Any
+
+
+def _moe_stats(intermediates) -> tuple[dict, dict]:
+    """{layer name: expert token counts [E]} and {layer name: balance loss} from the sown values."""
+    counts, balance = {}, {}
+    for path, value in flax.traverse_util.flatten_dict(intermediates).items():
+        layer = path[0]
+        if path[-1] == "expert_counts":
+            counts[layer] = value[0]
+        elif path[-1] == "balance_loss":
+            balance[layer] = value[0]
+    return counts, balance
+
+
+def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"],
+                   target_count: Float[Array, ""], aux_loss_coef: float):
+    """(objective, (lm loss, balance loss, expert counts)); the lm loss is this microbatch's summed NLL
+    divided by `target_count`, the number of targets in the whole step's batch."""
+    hidden, state = model.apply({"params": params}, tokens, method="hidden", mutable=["intermediates"])
+    head = model.apply({"params": params}, method="head_weight")
+    micro_targets = jnp.sum(mask[:, 1:].astype(f32))
+    lm_loss = lm_head_loss(hidden, head.astype(hidden.dtype), tokens, mask) * micro_targets / target_count
+    counts, balance = _moe_stats(state.get("intermediates", {}))
+    balance_loss = sum(balance.values()) / max(len(balance), 1) if balance else jnp.zeros((), f32)
+    return lm_loss + aux_loss_coef * balance_loss, (lm_loss, balance_loss, counts)
+
+
+def update_correction_biases(params, counts: dict, rate: float):
+    """bias += rate * sign(mean load - load) for every MoE layer: under-used experts get picked more."""
+    if not counts:
+        return params
+    params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else dict(params)
+    for layer, count in counts.items():
+        mixer = dict(params[layer]["mixer"])
+        load = count.astype(f32)
+        mixer["e_score_correction_bias"] = mixer["e_score_correction_bias"] + rate * jnp.sign(
+            jnp.mean(load) - load)
+        params[layer] = {**params[layer], "mixer": mixer}
+    return params
+
+
+def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state: TrainState, batch: dict,
+               grad_accum_steps: int, aux_loss_coef: float, bias_update_rate: float,
+               schedule: optax.Schedule) -> tuple[TrainState, dict]:
+    tokens, mask = batch["tokens"], batch["mask"]
+    target_count = jnp.maximum(jnp.sum(mask[:, 1:].astype(f32)), 1.0)
+    micro = tokens.shape[0] // grad_accum_steps
+    split = lambda t: t.reshape(grad_accum_steps, micro, *t.shape[1:])  # noqa: E731
+    objective = lambda p, t, m: loss_and_stats(model, p, t, m, target_count, aux_loss_coef)  # noqa: E731
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def accumulate(carry, microbatch):
+        grads, lm_loss, balance_loss, counts = carry
+        g, (lm, balance, c) = grad_fn(state.params, *microbatch)
+        return (jax.tree.map(jnp.add, grads, g), lm_loss + lm, balance_loss + balance / grad_accum_steps,
+                jax.tree.map(jnp.add, counts, c)), None
+
+    _, (_, _, count_shapes) = jax.eval_shape(objective, state.params, split(tokens)[0], split(mask)[0])
+    init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params), jnp.zeros((), f32),
+            jnp.zeros((), f32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), count_shapes))
+    (grads, lm_loss, balance_loss, counts), _ = jax.lax.scan(accumulate, init, (split(tokens), split(mask)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = update_correction_biases(params, counts, bias_update_rate)
+    metrics = {"loss": lm_loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    if counts:
+        metrics["balance_loss"] = balance_loss
+        metrics["expert_counts"] = counts
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(model: NemotronH, params, batch: dict) -> dict:
+    """Summed NLL and target count, and (when the batch marks them) recalled-digit hits and count."""
+    tokens, mask = batch["tokens"], batch["mask"]
+    logits = model.apply({"params": params}, tokens)[:, :-1]
+    targets, weights = tokens[:, 1:], mask[:, 1:].astype(f32)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    out = {"nll_sum": jnp.sum(nll * weights), "targets": jnp.sum(weights)}
+    if "recall" in batch:
+        recall = batch["recall"][:, 1:].astype(f32)
+        out["recall_hits"] = jnp.sum((jnp.argmax(logits, -1) == targets) * recall)
+        out["recall_count"] = jnp.sum(recall)
+    return out

@@ -1,0 +1,245 @@
+"""The training loop behind `train.py`: build, resume or initialise, step, log, checkpoint.
+
+Resuming is automatic: with a checkpoint in WORKDIR/checkpoints, the run continues from the latest one
+(parameters, optimizer state, step, RNG and the data iterator), and its metrics and losses continue
+exactly as if it had never stopped. SIGTERM (preemption) saves a checkpoint, then exits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nemojax.checkpoint.hf import load_hf
+from nemojax.checkpoint.orbax_io import TrainCheckpoints, is_orbax_checkpoint, load_params, read_model_config
+from nemojax.config import ModelConfig
+from nemojax.data.pipeline import eval_batches, train_iterator
+from nemojax.flops import train_flops
+from nemojax.model import NemotronH
+from nemojax.sharding import batch_sharding, logical_shardings, make_mesh, replicated
+from nemojax.train.metrics import MetricsWriter, device_peak_flops
+from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
+from nemojax.train.step import TrainState, eval_step, train_step
+
+# config.json fields that do not change a model's parameters or outputs (allowed to differ on init_from).
+_HARMLESS_FIELDS = {"architectures", "dtype", "max_position_embeddings", "bos_token_id", "eos_token_id",
+                    "pad_token_id", "initializer_range", "rescale_prenorm_residual", "chunk_size",
+                    "mamba_ssm_cache_dtype", "time_step_max", "time_step_floor", "time_step_limit"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); nothing from the bad state was saved."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the last finished step has been written."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    runtime = dict(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
+    if config.model_from_checkpoint:
+        if not config.init_from:
+            raise ValueError("config field `model_from_checkpoint` = True needs `init_from`")
+        if is_orbax_checkpoint(config.init_from):
+            return read_model_config(config.init_from, **runtime)
+        from nemojax.checkpoint.hf import read_config
+        return read_config(config.init_from, **runtime)
+    return ModelConfig.from_hf(config.model.to_dict(), **runtime)
+
+
+def check_same_architecture(source: str, theirs: ModelConfig, ours: ModelConfig) -> None:
+    a, b = theirs.to_hf(), ours.to_hf()
+    diffs = [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if k not in _HARMLESS_FIELDS and a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(f"init_from {source}: the checkpoint's architecture differs from config.model "
+                         f"(set --config.model_from_checkpoint=True to take the checkpoint's): " + "; ".join(diffs))
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"config field `batch_size` = {config.batch_size}: must divide by "
+                         f"grad_accum_steps = {config.grad_accum_steps}")
+    for name in ("total_steps", "checkpoint_every", "log_every", "seq_len", "batch_size", "keep_checkpoints"):
+        if config[name] <= 0:
+            raise ValueError(f"config field `{name}` = {config[name]}: must be positive")
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        _validate(config)
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.cfg = model_config(config)
+        self.model = NemotronH(self.cfg)
+        self.mesh = make_mesh(config.mesh)
+        self.schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+        self.optimizer = make_optimizer(config.optimizer, config.total_steps)
+        self.checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
+        self.iterator = train_iterator(config, self.cfg)
+        self.eval_data = eval_batches(config, self.cfg)
+        self._abstract_state()
+        self.preempted = False
+
+    # ----- state ---------------------------------------------------------------------------------
+    def _abstract_state(self) -> None:
+        """Shapes, dtypes and shardings of the train state, without allocating it."""
+        dummy = jnp.zeros((1, 8), jnp.int32)
+        boxed = jax.eval_shape(self.model.init, jax.random.key(0), dummy)["params"]
+        self.param_shardings = logical_shardings(boxed, self.mesh)
+        shapes = nn.unbox(boxed)
+        self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                            shapes, self.param_shardings)
+        init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,))
+        opt_shardings = init.lower(self.abstract_params).compile().output_shardings
+        abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    jax.eval_shape(self.optimizer.init, self.abstract_params), opt_shardings)
+        self.state_shardings = TrainState(replicated(self.mesh), self.param_shardings, opt_shardings)
+        self.abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
+                                   self.abstract_params, abstract_opt)
+        self._init_opt = init
+
+    def _initial_params(self):
+        source = self.config.init_from
+        if not source:
+            init = jax.jit(lambda key: nn.unbox(self.model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]),
+                           out_shardings=self.param_shardings)
+            return init(jax.random.key(self.config.seed))
+        if is_orbax_checkpoint(source):
+            check_same_architecture(source, read_model_config(source), self.cfg)
+            return load_params(source, self.abstract_params)
+        if os.path.isfile(os.path.join(source, "config.json")):
+            their_cfg, params = load_hf(source, param_dtype=self.cfg.param_dtype)
+            check_same_architecture(source, their_cfg, self.cfg)
+            return jax.device_put(params, self.param_shardings)
+        raise FileNotFoundError(f"init_from {source!r}: neither an Orbax checkpoint (params/ and model/) nor an "
+                                "HF checkpoint directory (config.json + safetensors)")
+
+    def _start(self) -> tuple[TrainState, jax.Array]:
+        latest = self.checkpoints.latest_step()
+        if latest is not None:
+            state, rng, iterator_state = self.checkpoints.restore(latest, self.abstract)
+            self.iterator.set_state(iterator_state)
+            return state, rng
+        params = self._initial_params()
+        step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
+        return TrainState(step, params, self._init_opt(params)), jax.random.key(self.config.seed)
+
+    # ----- the loop ------------------------------------------------------------------------------
+    def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        sharding = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
+                if k in ("tokens", "mask")}
+
+    def _evaluate(self, params) -> dict[str, float]:
+        if not self.eval_data:
+            return {}
+        totals: dict[str, float] = {}
+        for batch in self.eval_data:
+            out = jax.device_get(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        result = {"eval_loss": totals["nll_sum"] / max(totals["targets"], 1.0)}
+        if totals.get("recall_count"):
+            result["recall_accuracy"] = totals["recall_hits"] / totals["recall_count"]
+        return result
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.preempted = True
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        step_fn = jax.jit(
+            functools.partial(train_step, self.model, self.optimizer, grad_accum_steps=config.grad_accum_steps,
+                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
+                              schedule=self.schedule),
+            in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
+            out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
+        self._eval_fn = jax.jit(functools.partial(eval_step, self.model))
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        with self.mesh:
+            state, rng = self._start()
+        start = int(state.step)
+        writer = MetricsWriter(self.workdir, start, config.total_steps, enabled=jax.process_index() == 0)
+        tokens_per_step = config.batch_size * config.seq_len
+        flops_per_step = train_flops(self.cfg, config.batch_size, config.seq_len)
+        peak = device_peak_flops(config.peak_flops_per_device)
+        pending: list[tuple[int, dict]] = []
+        last: dict[str, Any] = {}
+        timer = (None, start)  # (time, step) of the last synchronisation after the first compiled step
+
+        def flush(step: int) -> None:
+            """Fetch pending metrics, refuse non-finite losses, and write the logged steps."""
+            nonlocal timer, last
+            fetched = jax.device_get(pending)
+            pending.clear()
+            now = time.perf_counter()
+            rate = {}
+            if timer[0] is not None and step > timer[1]:
+                seconds = (now - timer[0]) / (step - timer[1])
+                rate = {"tokens_per_second": tokens_per_step / seconds,
+                        "model_flops_per_second": flops_per_step / seconds}
+                if peak:
+                    rate["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
+            timer = (now, step)
+            for s, metrics in fetched:
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
+                    raise TrainingError(f"non-finite loss {loss} at step {s}: stopping; the last checkpoint "
+                                        f"(step {self.checkpoints.latest_step()}) is untouched")
+                if s % config.log_every and s not in (1, config.total_steps) and s not in evals:
+                    continue
+                record = {"loss": loss, "learning_rate": float(metrics["learning_rate"]),
+                          "grad_norm": float(metrics["grad_norm"]), **rate}
+                if "expert_counts" in metrics:
+                    record["balance_loss"] = float(metrics["balance_loss"])
+                    record["expert_load_max_over_mean"] = {
+                        layer: float(np.max(c) / max(np.mean(c), 1e-9)) for layer, c in
+                        sorted(metrics["expert_counts"].items())}
+                record.update(evals.pop(s, {}))
+                writer.write(s, record)
+                last = record
+
+        evals: dict[int, dict] = {}
+        try:
+            for step in range(start + 1, config.total_steps + 1):
+                batch = self._device_batch(next(self.iterator))
+                with self.mesh:
+                    state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                writer.advance(1)
+                if timer[0] is None:  # exclude compilation from throughput
+                    jax.block_until_ready(state)
+                    timer = (time.perf_counter(), step)
+                is_last = step == config.total_steps
+                if config.eval_every and step % config.eval_every == 0 or is_last and self.eval_data:
+                    jax.block_until_ready(state)
+                    began = time.perf_counter()
+                    evals[step] = self._evaluate(state.params)
+                    if timer[0] is not None:  # evaluation time is not training throughput
+                        timer = (timer[0] + time.perf_counter() - began, timer[1])
+                save = step % config.checkpoint_every == 0 or is_last or self.preempted
+                if save or step % config.log_every == 0 or step in evals:
+                    flush(step)
+                if save:
+                    self.checkpoints.save(step, state, rng, self.iterator.get_state(), config.to_dict(), self.cfg)
+                if self.preempted:
+                    self.checkpoints.wait()
+                    writer.message(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+                    raise Preempted(step)
+            flush(config.total_steps)
+        finally:
+            self.checkpoints.wait()
+            self.checkpoints.close()
+            writer.close()
+            signal.signal(signal.SIGTERM, previous_handler)
+        return {"state": state, "last": last}

@@ -1,0 +1,45 @@
+"""Train or fine-tune a Nemotron hybrid.
+
+    python train.py --config configs/tiny.py --workdir /tmp/tiny [--config.total_steps=200 --config.seed=1]
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and tensorboard logs go here")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    import jax
+
+    if jax.process_count() == 1 and _multi_process_environment():
+        jax.distributed.initialize()
+    from nemojax.train.trainer import Preempted, Trainer
+
+    try:
+        Trainer(_CONFIG.value, _WORKDIR.value).run()
+    except Preempted:
+        sys.exit(143)
+
+
+def _multi_process_environment() -> bool:
+    """True on a launcher that starts one process per host (SLURM, TPU pod, explicit coordinator)."""
+    import os
+
+    return any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")) or int(
+        os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+if __name__ == "__main__":
+    app.run(main)
