@@ -19,14 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
         moe_shared_expert_intermediate_size=256, n_group=1, topk_group=1, routed_scaling_factor=1.0,
         eos_token_id=10, bos_token_id=None, pad_token_id=0, max_position_embeddings=4096,
     ))
-    c.total_steps = 300
+    c.total_steps = 600
     c.batch_size = 8
-    c.seq_len = 256
+    c.seq_len = 128
     c.dtype = "float32"
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 30
     c.optimizer.weight_decay = 0.01
     c.checkpoint_every = 100
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 200
     return c

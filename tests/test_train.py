@@ -345,6 +345,6 @@ def test_readme_default_run_halves_its_loss(tmp_path):
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     records = read_metrics(tmp_path / "tiny")
-    assert records[0]["step"] == 1 and records[-1]["step"] == 300
+    assert records[0]["step"] == 1 and records[-1]["step"] == 600
     assert records[-1]["loss"] <= records[0]["loss"] / 2, (records[0], records[-1])
     assert 0.0 <= records[-1]["recall_accuracy"] <= 1.0 and records[-1]["eval_loss"] < records[0]["loss"] / 2
