@@ -16,9 +16,21 @@ RELEASED_MODEL_DEFAULTS = dict(
 )
 
 
+# Shared by the Nemotron 3 MoE family (Nano, Super, Ultra).
+NEMOTRON3_DEFAULTS = dict(
+    num_key_value_heads=2, max_position_embeddings=262144, n_shared_experts=1, n_group=1, topk_group=1,
+    norm_topk_prob=True, eos_token_id=11,
+)
+
+
 def model_config(**fields) -> ml_collections.ConfigDict:
     """A released model's architecture: the shared defaults plus `fields`."""
     return ml_collections.ConfigDict({**RELEASED_MODEL_DEFAULTS, **fields})
+
+
+def nemotron3_model_config(**fields) -> ml_collections.ConfigDict:
+    """A Nemotron 3 model's architecture: the shared and the family defaults plus `fields`."""
+    return model_config(**{**NEMOTRON3_DEFAULTS, **fields})
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -11,12 +11,11 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
     c = base.get_config()
-    c.model = base.model_config(
+    c.model = base.nemotron3_model_config(
         hybrid_override_pattern="MEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
-        hidden_size=8192, num_attention_heads=64, num_key_value_heads=2, intermediate_size=5120,
-        mamba_num_heads=256, max_position_embeddings=262144, n_routed_experts=512, num_experts_per_tok=22,
-        moe_intermediate_size=5120, moe_shared_expert_intermediate_size=10240, moe_latent_size=2048,
-        n_shared_experts=1, routed_scaling_factor=5.0, n_group=1, topk_group=1, norm_topk_prob=True,
-        num_nextn_predict_layers=1, eos_token_id=11, mtp_hybrid_override_pattern='*E',
+        hidden_size=8192, num_attention_heads=64, intermediate_size=5120, mamba_num_heads=256,
+        n_routed_experts=512, num_experts_per_tok=22, moe_intermediate_size=5120,
+        moe_shared_expert_intermediate_size=10240, moe_latent_size=2048, routed_scaling_factor=5.0,
+        num_nextn_predict_layers=1, mtp_hybrid_override_pattern='*E',
     )
     return c
