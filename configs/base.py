@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seq_len = 4096
     c.param_dtype = "float32"  # stored parameters and optimizer state
     c.dtype = "bfloat16"  # matmul inputs
-    c.remat = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    c.remat = "full"  # none | full | dots (save matmul outputs, recompute the rest); full fits big models
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,

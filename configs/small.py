@@ -16,4 +16,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.seq_len = 2048
     c.batch_size = 1
     c.dtype = "float32"
+    c.remat = "none"  # small enough to keep every activation
     return c

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.seq_len = 128
     c.dtype = "float32"
+    c.remat = "none"  # small enough to keep every activation
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 30
     c.optimizer.weight_decay = 0.01
