@@ -181,6 +181,35 @@ def test_gradient_accumulation_equals_the_full_batch(micro_setup):
             np.testing.assert_array_equal(counts, ref_metrics["expert_counts"][layer])
 
 
+def test_learning_rate_schedules():
+    from nemojax.train.optimizer import learning_rate_schedule
+
+    config = micro(**{"optimizer.learning_rate": 1.0, "optimizer.warmup_steps": 10,
+                      "optimizer.min_lr_ratio": 0.1, "optimizer.decay_fraction": 0.2})
+    cosine = learning_rate_schedule(config.optimizer, 100)
+    assert float(cosine(0)) == 0.0 and float(cosine(10)) == 1.0 and abs(float(cosine(100)) - 0.1) < 1e-6
+    assert 0.1 < float(cosine(55)) < 1.0
+    config.optimizer.schedule = "wsd"
+    wsd = learning_rate_schedule(config.optimizer, 100)
+    assert float(wsd(5)) == 0.5 and float(wsd(10)) == float(wsd(79)) == 1.0  # warmup, then stable
+    assert abs(float(wsd(90)) - 0.55) < 1e-6 and abs(float(wsd(100)) - 0.1) < 1e-6  # linear decay, last 20%
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_does_not_change_gradients(micro_setup, remat):
+    import dataclasses
+
+    from nemojax.model import NemotronH
+    from nemojax.train.loss import model_loss
+
+    _, cfg, model, params, _, _ = micro_setup
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, cfg.vocab_size)
+    rematted = NemotronH(dataclasses.replace(cfg, remat=remat))
+    grads = [jax.jit(jax.grad(lambda p, m=m: model_loss(m, p, tokens)))(params) for m in (model, rematted)]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_weight_decay_and_training_exclusions(micro_setup):
     import flax
 
