@@ -51,10 +51,12 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def train_cli(workdir, *flags, config=MICRO, compilation_cache=True):
+def train_cli(workdir, *flags, config=MICRO, compilation_cache=True, devices=1):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}", *flags]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=subprocess_env(compilation_cache))
+    env = subprocess_env(compilation_cache)
+    if devices > 1:  # simulated CPU devices; the flag must be set before JAX starts
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def subprocess_env(compilation_cache=True):
@@ -365,6 +367,19 @@ def test_determinism_and_exact_resume_after_sigkill_and_sigterm(tmp_path):
         assert [r["loss"] for r in resumed] == losses, name
         for x, y in zip(jax.tree.leaves(final_params(workdir)), jax.tree.leaves(final_params(tmp_path / "a"))):
             np.testing.assert_array_equal(x, y)
+
+
+def test_sharded_step_matches_one_device(tmp_path):
+    """The step jitted over 8 simulated devices (data=4, fsdp=2: batch, parameters and Adam moments split)
+    gives the single-device losses."""
+    flags = ["--config.batch_size=8", "--config.total_steps=4"]
+    runs = {}
+    for name, devices, mesh in (("one", 1, []), ("eight", 8, ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):
+        proc = train_cli(tmp_path / name, *flags, *mesh, devices=devices)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
+    np.testing.assert_allclose(runs["eight"], runs["one"], rtol=1e-5)
 
 
 def test_readme_default_run_halves_its_loss(tmp_path):

@@ -27,7 +27,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
+    """The parameter's name: the last dict key (paths into boxed parameters end in `.value`)."""
+    return next(str(p.key) for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
 
 
 def param_labels(params) -> dict:

@@ -36,6 +36,25 @@ _HARMLESS_FIELDS = {"architectures", "dtype", "max_position_embeddings", "bos_to
                     "mamba_ssm_cache_dtype", "time_step_max", "time_step_floor", "time_step_limit"}
 
 
+def mirror_shardings(tree: Any, abstract_params: Any, default: Any) -> Any:
+    """Shardings for optimizer state: a leaf whose path ends with a parameter's path (Adam's moments
+    mirror the parameter tree) and has its shape gets that parameter's sharding; others get `default`."""
+    def keys(path):
+        return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+
+    by_path = {keys(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+
+    def pick(path, leaf):
+        names = keys(path)
+        for start in range(len(names)):
+            param = by_path.get(names[start:])
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. a non-finite loss); nothing from the bad state was saved."""
 
@@ -99,10 +118,11 @@ class Trainer:
         shapes = nn.unbox(boxed)
         self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                             shapes, self.param_shardings)
-        init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,))
-        opt_shardings = init.lower(self.abstract_params).compile().output_shardings
+        opt_shapes = jax.eval_shape(self.optimizer.init, self.abstract_params)
+        opt_shardings = mirror_shardings(opt_shapes, self.abstract_params, replicated(self.mesh))
+        init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
         abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    jax.eval_shape(self.optimizer.init, self.abstract_params), opt_shardings)
+                                    opt_shapes, opt_shardings)
         self.state_shardings = TrainState(replicated(self.mesh), self.param_shardings, opt_shardings)
         self.abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
                                    self.abstract_params, abstract_opt)
