@@ -25,12 +25,19 @@ def main(argv: list[str]) -> None:
 
     if jax.process_count() == 1 and _multi_process_environment():
         jax.distributed.initialize()
-    from nemojax.train.trainer import Preempted, Trainer
+    from nemojax.checkpoint.hf import CheckpointError
+    from nemojax.config import ConfigError
+    from nemojax.data.sources import DataError
+    from nemojax.train.trainer import Preempted, Trainer, TrainingError
 
     try:
         Trainer(_CONFIG.value, _WORKDIR.value).run()
     except Preempted:
         sys.exit(143)
+    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+        # Bad input or a stopped run: the message names the field, file or step; a traceback adds nothing.
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _multi_process_environment() -> bool:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nemojax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axis (or axes); names not listed are replicated.
@@ -36,14 +38,14 @@ def mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
     sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
     unknown = [axis for axis, size in sizes.items() if size == -1]
     if len(unknown) > 1:
-        raise ValueError(f"config field `mesh`: at most one axis may be -1, got {unknown}")
+        raise ConfigError(f"config field `mesh`: at most one axis may be -1, got {unknown}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
         if device_count % known:
-            raise ValueError(f"config field `mesh` = {sizes}: {device_count} devices do not divide by {known}")
+            raise ConfigError(f"config field `mesh` = {sizes}: {device_count} devices do not divide by {known}")
         sizes[unknown[0]] = device_count // known
     if math.prod(sizes.values()) != device_count:
-        raise ValueError(f"config field `mesh` = {sizes}: needs {math.prod(sizes.values())} devices, "
+        raise ConfigError(f"config field `mesh` = {sizes}: needs {math.prod(sizes.values())} devices, "
                          f"have {device_count}")
     return sizes
 

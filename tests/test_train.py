@@ -98,6 +98,13 @@ def test_unknown_config_field_is_rejected(tmp_path):
 
 
 # ----- data errors -----------------------------------------------------------------------------------
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    proc = train_cli(tmp_path / "w", "--config.data.source=tokens", f"--config.data.paths=('{tmp_path}/nope.npy',)")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert f"train.py: error: data file '{tmp_path}/nope.npy': no such file" in out and "Traceback" not in out
+
+
 def test_missing_data_file_is_named(tmp_path):
     from nemojax.data.sources import DataError
     from nemojax.train.trainer import Trainer

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from nemojax.config import ModelConfig
+from nemojax.config import ConfigError, ModelConfig
 from nemojax.data.sources import DataError, TokenWindows, expand_paths, open_token_file, tokenize_text_files
 from nemojax.data.synthetic import SyntheticSource
 
@@ -51,7 +51,7 @@ def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain
         dataset = dataset.shuffle(seed=config.data.shuffle_seed).repeat()
     hosts, host = jax.process_count(), jax.process_index()
     if config.batch_size % hosts:
-        raise ValueError(f"config field `batch_size` = {config.batch_size}: must divide by {hosts} hosts")
+        raise ConfigError(f"config field `batch_size` = {config.batch_size}: must divide by {hosts} hosts")
     dataset = dataset[host::hosts].batch(config.batch_size // hosts, drop_remainder=True)
     return iter(dataset.to_iter_dataset())
 

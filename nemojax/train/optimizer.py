@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from nemojax.config import ConfigError
+
 NO_DECAY = ("scale", "A_log", "D", "dt_bias")  # plus every name ending in "_bias"
 NOT_TRAINED = ("e_score_correction_bias",)
 
@@ -23,7 +25,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
              optax.linear_schedule(peak, floor, decay)], [warmup, warmup + stable])
-    raise ValueError(f"config field `optimizer.schedule` = {opt.schedule!r}: expected 'cosine' or 'wsd'")
+    raise ConfigError(f"config field `optimizer.schedule` = {opt.schedule!r}: expected 'cosine' or 'wsd'")
 
 
 def _name(path) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from nemojax.checkpoint.hf import load_hf
 from nemojax.checkpoint.orbax_io import TrainCheckpoints, is_orbax_checkpoint, load_params, read_model_config
-from nemojax.config import ModelConfig
+from nemojax.config import ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
 from nemojax.model import NemotronH
@@ -67,7 +67,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     runtime = dict(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
     if config.model_from_checkpoint:
         if not config.init_from:
-            raise ValueError("config field `model_from_checkpoint` = True needs `init_from`")
+            raise ConfigError("config field `model_from_checkpoint` = True needs `init_from`")
         if is_orbax_checkpoint(config.init_from):
             return read_model_config(config.init_from, **runtime)
         from nemojax.checkpoint.hf import read_config
@@ -80,17 +80,17 @@ def check_same_architecture(source: str, theirs: ModelConfig, ours: ModelConfig)
     diffs = [f"{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if k not in _HARMLESS_FIELDS and a.get(k) != b.get(k)]
     if diffs:
-        raise ValueError(f"init_from {source}: the checkpoint's architecture differs from config.model "
+        raise ConfigError(f"init_from {source}: the checkpoint's architecture differs from config.model "
                          f"(set --config.model_from_checkpoint=True to take the checkpoint's): " + "; ".join(diffs))
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
     if config.batch_size % config.grad_accum_steps:
-        raise ValueError(f"config field `batch_size` = {config.batch_size}: must divide by "
+        raise ConfigError(f"config field `batch_size` = {config.batch_size}: must divide by "
                          f"grad_accum_steps = {config.grad_accum_steps}")
     for name in ("total_steps", "checkpoint_every", "log_every", "seq_len", "batch_size", "keep_checkpoints"):
         if config[name] <= 0:
-            raise ValueError(f"config field `{name}` = {config[name]}: must be positive")
+            raise ConfigError(f"config field `{name}` = {config[name]}: must be positive")
 
 
 class Trainer:
