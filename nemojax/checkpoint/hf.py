@@ -23,6 +23,13 @@ class CheckpointError(ValueError):
     """A checkpoint does not match what its config describes."""
 
 
+def _open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors reports truncation and bad headers as its own error types
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 class SafetensorsCheckpoint(contextlib.AbstractContextManager):
     """The tensors of one Hub checkpoint directory (single file or index + shards), opened lazily."""
 
@@ -33,9 +40,7 @@ class SafetensorsCheckpoint(contextlib.AbstractContextManager):
             with open(index) as f:
                 weight_map: dict[str, str] = json.load(f)["weight_map"]
         elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-            weight_map = {}
-            with safe_open(os.path.join(path, SINGLE_FILE), framework="numpy") as f:
-                weight_map = {name: SINGLE_FILE for name in f.keys()}
+            weight_map = {name: SINGLE_FILE for name in _open(os.path.join(path, SINGLE_FILE)).keys()}
         else:
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
         self.file_of = weight_map
@@ -47,7 +52,7 @@ class SafetensorsCheckpoint(contextlib.AbstractContextManager):
             full = os.path.join(self.path, file)
             if not os.path.exists(full):
                 raise CheckpointError(f"{full}: shard listed in {INDEX_FILE} (for tensor {name}) does not exist")
-            self._handles[file] = safe_open(full, framework="numpy")
+            self._handles[file] = _open(full)
         return self._handles[file]
 
     def names(self) -> list[str]:
@@ -56,11 +61,30 @@ class SafetensorsCheckpoint(contextlib.AbstractContextManager):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code, e.g. "BF16"."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def nbytes(self, name: str) -> int:
+        shape = self.shape(name)
+        itemsize = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}.get(self.dtype(name), 1)
+        return int(np.prod(shape, dtype=np.int64)) * itemsize
+
     def read(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(self.path, self.file_of[name])}: cannot read tensor {name} "
+                                  f"({e})") from None
+
+    def release(self) -> None:
+        """Close the open files (and their memory maps), so the pages read so far can leave memory."""
+        self._handles.clear()
 
     def __exit__(self, *exc) -> None:
-        self._handles.clear()
+        self.release()
 
 
 def read_config(path: str, **overrides: Any) -> ModelConfig:

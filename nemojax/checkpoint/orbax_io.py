@@ -90,9 +90,12 @@ def save_params(path: str, params: Any, cfg: ModelConfig) -> None:
 
 
 def read_model_config(path: str, **runtime: Any) -> ModelConfig:
-    """The architecture stored with an Orbax checkpoint (its `model` item)."""
+    """The architecture stored with an Orbax checkpoint (its `model` item); parameters keep the stored
+    dtype (config.json's `dtype`) unless `param_dtype=` says otherwise."""
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         hf = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    runtime.setdefault("param_dtype", hf["model"].get("dtype", "float32"))
+    runtime.setdefault("dtype", runtime["param_dtype"])
     return ModelConfig.from_hf(hf["model"], **runtime)
 
 

@@ -1,0 +1,292 @@
+"""Convert checkpoints between the Hugging Face Hub layout and nemojax's Orbax layout, streaming.
+
+    python -m nemojax.convert hf-to-orbax SRC DST [--dtype bfloat16] [--force]
+    python -m nemojax.convert orbax-to-hf SRC DST [--max-shard-size 5GB] [--force]
+
+Both directions walk the name table (`checkpoint/hf_names.py`, the one `load_hf` uses) one layer at a
+time: tensors are read from memory-mapped safetensors (or restored from Orbax) for that layer only and
+written out before the next is read, so host memory holds about one layer. Output is built in a
+temporary sibling directory that is renamed to DST only on success; nothing is left behind on error.
+Only safetensors are read, never pickles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial as partial_save
+from tqdm import tqdm
+
+from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsCheckpoint, check_tensors
+from nemojax.checkpoint.hf import read_config, set_path
+from nemojax.checkpoint.hf_names import Entry, hf_table
+from nemojax.checkpoint.orbax_io import read_model_config
+from nemojax.config import ConfigError, ModelConfig
+
+# Files that travel with the weights (tokenizer, chat template, generation defaults).
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+               "chat_template.jinja", "tokenizer.model")
+SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
+                      "F16": np.dtype(np.float16)}
+_ALWAYS_FP32 = ("e_score_correction_bias",)  # a buffer transformers keeps in float32
+
+
+@contextlib.contextmanager
+def staged_output(dst: str, force: bool) -> Iterator[str]:
+    """A temporary directory next to `dst`, renamed to `dst` when the block succeeds, removed if not."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def layer_groups(table: list[Entry]) -> list[list[Entry]]:
+    """Entries grouped by their top-level parameter (`embed`, `layers_i`, `norm_f`, `lm_head`)."""
+    groups: dict[str, list[Entry]] = {}
+    for entry in table:
+        groups.setdefault(entry.ours[0][0][0], []).append(entry)
+    return list(groups.values())
+
+
+def _entry_bytes(entry: Entry, itemsize: int) -> int:
+    return sum(int(np.prod(shape)) for _, shape in entry.hf) * itemsize
+
+
+def _copy_assets(src: str, dst: str) -> None:
+    for name in ASSET_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+# ----- HF -> Orbax ---------------------------------------------------------------------------------
+def check_dtypes(ckpt: SafetensorsCheckpoint, table: list[Entry]) -> None:
+    for entry in table:
+        for name, _ in entry.hf:
+            dtype = ckpt.dtype(name)
+            if dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{os.path.join(ckpt.path, ckpt.file_of[name])}: tensor {name} has dtype "
+                                      f"{dtype}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+
+
+def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = False) -> None:
+    overrides = {"param_dtype": dtype} if dtype else {}
+    cfg = read_config(src, **overrides)
+    table = hf_table(cfg)
+    target = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+    with staged_output(dst, force) as out, SafetensorsCheckpoint(src) as ckpt:
+        check_tensors(ckpt, table)
+        check_dtypes(ckpt, table)
+        staging = os.path.join(out, "staging")
+        total = sum(_entry_bytes(e, SAFETENSORS_DTYPES[ckpt.dtype(e.hf[0][0])].itemsize) for e in table)
+        writing = None  # the previous layer's write runs while the next layer is read and converted
+        with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", file=sys.stderr) as bar:
+            for group in layer_groups(table):
+                tree: dict = {}
+                for entry in group:
+                    values = entry.to_ours([ckpt.read(name) for name, _ in entry.hf])
+                    for (path, _), value in zip(entry.ours, values):
+                        cast = np.float32 if path[-1] in _ALWAYS_FP32 else target
+                        set_path(tree, path, np.ascontiguousarray(value.astype(cast)))
+                    bar.update(sum(ckpt.nbytes(name) for name, _ in entry.hf))
+                bar.set_postfix(tensors=f"{group[-1].hf[-1][0]}", refresh=False)
+                ckpt.release()  # unmap what was read: memory holds about two layers
+                if writing is not None:
+                    writing.result()
+                writing = partial_save.save_async(staging, tree)  # merged into the staged checkpoint
+            if writing is not None:
+                writing.result()
+        partial_save.finalize(staging)
+        os.rename(os.path.join(staging, "state"), os.path.join(out, "params"))
+        shutil.rmtree(staging)
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            checkpointer.save(os.path.join(out, "model"), args=ocp.args.JsonSave(cfg.to_hf()))
+        os.makedirs(os.path.join(out, "assets"))
+        _copy_assets(src, os.path.join(out, "assets"))
+
+
+# ----- Orbax -> HF ---------------------------------------------------------------------------------
+class StreamingShards:
+    """Writes safetensors shards tensor by tensor: every shard's header (names, dtypes, shapes, offsets) is
+    planned from the name table before any data, so no shard is ever held in memory. Shards are named like
+    transformers' (`model-00001-of-00003.safetensors`, with an index) or `model.safetensors` when one."""
+
+    def __init__(self, directory: str, tensors: list[tuple[str, np.dtype, tuple[int, ...]]], max_bytes: int):
+        self.shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for name, dtype, shape in tensors:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if self.shards[-1] and size + nbytes > max_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, dtype, shape))
+            size += nbytes
+        count = len(self.shards)
+        self.names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                                                       for i in range(count)]
+        self.directory = directory
+        self.order = [(i, name, dtype, shape) for i, shard in enumerate(self.shards) for name, dtype, shape in shard]
+        self.position = 0
+        self.file = None
+        self.total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in tensors)
+
+    def _open(self, index: int) -> None:
+        if self.file:
+            self.file.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self.shards[index]:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self.file = open(os.path.join(self.directory, self.names[index]), "wb")
+        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        index, planned, dtype, shape = self.order[self.position]
+        if (name, np.dtype(array.dtype), tuple(array.shape)) != (planned, dtype, tuple(shape)):
+            raise CheckpointError(f"tensor {name} {array.dtype}{list(array.shape)} does not match the planned "
+                                  f"{planned} {dtype}{list(shape)}")
+        if self.position == 0 or self.order[self.position - 1][0] != index:
+            self._open(index)
+        np.ascontiguousarray(array).tofile(self.file)  # raw bytes, without another copy
+        self.position += 1
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.position != len(self.order):
+            raise CheckpointError(f"{self.position} of {len(self.order)} planned tensors were written")
+        if len(self.names) > 1:
+            weight_map = {name: self.names[i] for i, name, _, _ in self.order}
+            with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+
+
+_SAFETENSORS_CODE = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def _restore_group(src: str, group: list[Entry]) -> dict:
+    item: dict = {}
+    for entry in group:
+        for path, shape in entry.ours:
+            set_path(item, path, ocp.RestoreArgs(restore_type=np.ndarray))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(src, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            item=item, restore_args=item, partial_restore=True)))
+    return restored["params"]
+
+
+def _stored_dtypes(src: str) -> dict[str, np.dtype]:
+    """{"layers_0/mixer/in_z": dtype, ...} from the Orbax checkpoint's metadata (no array is read)."""
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(os.path.join(src, "params")).item_metadata.tree
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, prefix + (key,))
+            else:
+                flat["/".join(prefix + (key,))] = np.dtype(value.dtype)
+    walk(tree, ())
+    return flat
+
+
+def _get_path(tree: dict, path: tuple[str, ...]) -> np.ndarray:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: bool = False) -> None:
+    src = os.path.abspath(src)
+    if not (os.path.isdir(os.path.join(src, "params")) and os.path.isdir(os.path.join(src, "model"))):
+        raise CheckpointError(f"{src}: not a nemojax Orbax checkpoint (expected params/ and model/)")
+    cfg = read_model_config(src)
+    table = hf_table(cfg)
+    stored = _stored_dtypes(src)
+    planned = []
+    for entry in table:
+        dtype = stored["/".join(entry.ours[0][0])]
+        planned += [(name, dtype, tuple(shape)) for name, shape in entry.hf]
+    with staged_output(dst, force) as out:
+        writer = StreamingShards(out, planned, max_shard_bytes)
+        with tqdm(total=writer.total, unit="B", unit_scale=True, desc="orbax-to-hf", file=sys.stderr) as bar:
+            for group in layer_groups(table):
+                params = _restore_group(src, group)
+                for entry in group:
+                    values = [_get_path(params, path) for path, _ in entry.ours]
+                    for (path, shape), value in zip(entry.ours, values):
+                        if tuple(value.shape) != tuple(shape):
+                            raise CheckpointError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
+                                                  f"its config says {shape}")
+                    for (name, _), tensor in zip(entry.hf, entry.to_hf(values)):
+                        writer.write(name, tensor)
+                        bar.update(tensor.nbytes)
+        writer.close()
+        hf_config = cfg.to_hf()
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        _copy_assets(os.path.join(src, "assets"), out)
+
+
+# ----- command line --------------------------------------------------------------------------------
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[:-len(unit)]) * factor)
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nemojax-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_orbax = commands.add_parser("hf-to-orbax", help="HF checkpoint directory -> Orbax checkpoint")
+    to_orbax.add_argument("src")
+    to_orbax.add_argument("dst")
+    to_orbax.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's")
+    to_orbax.add_argument("--force", action="store_true", help="replace an existing DST")
+    to_hf = commands.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF checkpoint directory")
+    to_hf.add_argument("src")
+    to_hf.add_argument("dst")
+    to_hf.add_argument("--max-shard-size", default="5GB", type=_size, help="e.g. 5GB, 500MB (default 5GB)")
+    to_hf.add_argument("--force", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf-to-orbax":
+            hf_to_orbax(args.src, args.dst, args.dtype, args.force)
+        else:
+            orbax_to_hf(args.src, args.dst, args.max_shard_size, args.force)
+    except (CheckpointError, ConfigError, FileExistsError) as e:
+        print(f"nemojax-convert: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
