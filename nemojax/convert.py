@@ -39,6 +39,7 @@ ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
                       "F16": np.dtype(np.float16)}
 _ALWAYS_FP32 = ("e_score_correction_bias",)  # a buffer transformers keeps in float32
+_SAVE_BYTES = 64 * 2**20  # layers are written in batches of at least this many bytes
 
 
 @contextlib.contextmanager
@@ -97,23 +98,29 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
         check_dtypes(ckpt, table)
         staging = os.path.join(out, "staging")
         total = sum(_entry_bytes(e, SAFETENSORS_DTYPES[ckpt.dtype(e.hf[0][0])].itemsize) for e in table)
-        writing = None  # the previous layer's write runs while the next layer is read and converted
+        writing, tree, tree_bytes = None, {}, 0
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", file=sys.stderr) as bar:
-            for group in layer_groups(table):
-                tree: dict = {}
+            groups = layer_groups(table)
+            for i, group in enumerate(groups):
                 for entry in group:
                     values = entry.to_ours([ckpt.read(name) for name, _ in entry.hf])
                     for (path, _), value in zip(entry.ours, values):
                         cast = np.float32 if path[-1] in _ALWAYS_FP32 else target
-                        set_path(tree, path, np.ascontiguousarray(value.astype(cast)))
+                        value = np.array(value, dtype=cast, order="C")  # cast and lay out in one pass
+                        set_path(tree, path, value)
+                        tree_bytes += value.nbytes
                     bar.update(sum(ckpt.nbytes(name) for name, _ in entry.hf))
                 bar.set_postfix(tensors=f"{group[-1].hf[-1][0]}", refresh=False)
-                ckpt.release()  # unmap what was read: memory holds about two layers
-                if writing is not None:
-                    writing.result()
-                writing = partial_save.save_async(staging, tree)  # merged into the staged checkpoint
-            if writing is not None:
-                writing.result()
+                ckpt.release()  # unmap what was read
+                if tree_bytes >= _SAVE_BYTES or i == len(groups) - 1:
+                    # Partial saves merge into the staged checkpoint; each costs metadata work that grows
+                    # with the leaves saved so far, so layers go in batches. The previous batch's write
+                    # overlaps reading the next: memory holds about two batches.
+                    if writing is not None:
+                        writing.result()
+                    writing = partial_save.save_async(staging, tree)
+                    tree, tree_bytes = {}, 0
+            writing.result()
         partial_save.finalize(staging)
         os.rename(os.path.join(staging, "state"), os.path.join(out, "params"))
         shutil.rmtree(staging)
