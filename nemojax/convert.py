@@ -51,13 +51,17 @@ def staged_output(dst: str, force: bool) -> Iterator[str]:
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    old = None
     try:
         yield tmp
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
+        if os.path.exists(dst):  # --force: the old one is moved aside, deleted only once the new one is in place
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.rename(dst, os.path.join(old, "previous"))
         os.rename(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old and os.path.exists(dst):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def layer_groups(table: list[Entry]) -> list[list[Entry]]:
@@ -99,6 +103,7 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
         staging = os.path.join(out, "staging")
         total = sum(_entry_bytes(e, SAFETENSORS_DTYPES[ckpt.dtype(e.hf[0][0])].itemsize) for e in table)
         writing, tree, tree_bytes = None, {}, 0
+        done, n_tensors = 0, sum(len(entry.hf) for entry in table)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", file=sys.stderr) as bar:
             groups = layer_groups(table)
             for i, group in enumerate(groups):
@@ -110,7 +115,8 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
                         set_path(tree, path, value)
                         tree_bytes += value.nbytes
                     bar.update(sum(ckpt.nbytes(name) for name, _ in entry.hf))
-                bar.set_postfix(tensors=f"{group[-1].hf[-1][0]}", refresh=False)
+                done += sum(len(entry.hf) for entry in group)
+                bar.set_postfix(tensors=f"{done}/{n_tensors}", refresh=False)
                 ckpt.release()  # unmap what was read
                 if tree_bytes >= _SAVE_BYTES or i == len(groups) - 1:
                     # Partial saves merge into the staged checkpoint; each costs metadata work that grows
@@ -240,6 +246,7 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
         planned += [(name, dtype, tuple(shape)) for name, shape in entry.hf]
     with staged_output(dst, force) as out:
         writer = StreamingShards(out, planned, max_shard_bytes)
+        done = 0
         with tqdm(total=writer.total, unit="B", unit_scale=True, desc="orbax-to-hf", file=sys.stderr) as bar:
             for group in layer_groups(table):
                 params = _restore_group(src, group)
@@ -252,6 +259,8 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
                     for (name, _), tensor in zip(entry.hf, entry.to_hf(values)):
                         writer.write(name, tensor)
                         bar.update(tensor.nbytes)
+                        done += 1
+                    bar.set_postfix(tensors=f"{done}/{len(planned)}", refresh=False)
         writer.close()
         hf_config = cfg.to_hf()
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -284,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--max-shard-size", default="5GB", type=_size, help="e.g. 5GB, 500MB (default 5GB)")
     to_hf.add_argument("--force", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # orbax notes each metadata file it does not need at WARNING
     try:
         if args.command == "hf-to-orbax":
             hf_to_orbax(args.src, args.dst, args.dtype, args.force)
