@@ -102,7 +102,7 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
         check_dtypes(ckpt, table)
         staging = os.path.join(out, "staging")
         total = sum(_entry_bytes(e, SAFETENSORS_DTYPES[ckpt.dtype(e.hf[0][0])].itemsize) for e in table)
-        writing, tree, tree_bytes = None, {}, 0
+        tree, tree_bytes = {}, 0
         done, n_tensors = 0, sum(len(entry.hf) for entry in table)
         with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-orbax", file=sys.stderr) as bar:
             groups = layer_groups(table)
@@ -120,13 +120,9 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
                 ckpt.release()  # unmap what was read
                 if tree_bytes >= _SAVE_BYTES or i == len(groups) - 1:
                     # Partial saves merge into the staged checkpoint; each costs metadata work that grows
-                    # with the leaves saved so far, so layers go in batches. The previous batch's write
-                    # overlaps reading the next: memory holds about two batches.
-                    if writing is not None:
-                        writing.result()
-                    writing = partial_save.save_async(staging, tree)
+                    # with the leaves saved so far, so layers go in batches of about _SAVE_BYTES.
+                    partial_save.save(staging, tree)
                     tree, tree_bytes = {}, 0
-            writing.result()
         partial_save.finalize(staging)
         os.rename(os.path.join(staging, "state"), os.path.join(out, "params"))
         shutil.rmtree(staging)
