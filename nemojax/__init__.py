@@ -2,6 +2,7 @@
 
 from nemojax.checkpoint.hf import CheckpointError, load_hf
 from nemojax.config import ConfigError, ModelConfig
+from nemojax.generate import generate
 from nemojax.model import NemotronH
 
-__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "NemotronH", "load_hf"]
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "NemotronH", "generate", "load_hf"]

@@ -31,7 +31,7 @@ from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, Safe
 from nemojax.checkpoint.hf import read_config, set_path
 from nemojax.checkpoint.hf_names import Entry, hf_table
 from nemojax.checkpoint.orbax_io import read_model_config
-from nemojax.config import ConfigError, ModelConfig
+from nemojax.config import ConfigError
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

@@ -9,11 +9,14 @@ from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
 from nemojax.layers.attention import Attention
-from nemojax.layers.common import normal, param
+from nemojax.layers.common import Decoding, normal, param
 from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP
 from nemojax.layers.moe import MoE
 from nemojax.layers.norms import RMSNorm
+
+
+STATEFUL = "M*"  # block kinds that keep a cache when decoding
 
 
 def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
@@ -36,9 +39,11 @@ class Block(nn.Module):
     kind: str
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
-        return x + make_mixer(self.cfg, self.kind)(normed).astype(x.dtype)
+        mixer = make_mixer(self.cfg, self.kind)
+        y = mixer(normed, decoding) if self.kind in STATEFUL else mixer(normed)
+        return x + y.astype(x.dtype)
 
 
 class NemotronH(nn.Module):
@@ -46,6 +51,9 @@ class NemotronH(nn.Module):
 
     `apply(..., method="hidden")` returns the final-norm hidden states instead, and `head_weight` the
     [embed, vocab] LM head, so a loss can fuse the head with the cross-entropy (`train.loss`).
+    `prefill` and `decode` are cached inference (`nemojax.generate`): apply them with
+    `mutable=["cache"]`; the "cache" collection holds each Mamba layer's conv and SSM states and each
+    attention layer's keys and values.
     """
 
     cfg: ModelConfig
@@ -65,16 +73,31 @@ class NemotronH(nn.Module):
             self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
                                  ("embed", "vocab"), pdt)
 
-    def hidden(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
+    def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         x = jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
         for block in self.layers:
-            x = block(x)
+            x = block(x, decoding)
         return self.norm_f(x)
 
     def head_weight(self) -> Float[Array, "d v"]:
         return self.embed.T if self.cfg.tie_word_embeddings else self.lm_head
 
-    def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
-        x = self.hidden(input_ids)
+    def logits(self, hidden: Float[Array, "*t d"]) -> Float[Array, "*t v"]:
         head = self.head_weight().astype(jnp.dtype(self.cfg.dtype))
-        return jnp.einsum("bld,dv->blv", x, head).astype(jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, head).astype(jnp.float32)
+
+    def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
+        return self.logits(self.hidden(input_ids))
+
+    def prefill(self, input_ids: Int[Array, "b l"], lengths: Int[Array, " b"], max_new_tokens: int
+                ) -> Float[Array, "b v"]:
+        """Fill fresh caches from right-padded prompts of `lengths` real tokens, with room for
+        `max_new_tokens` more; returns the logits after each prompt's last token."""
+        x = self.hidden(input_ids, Decoding(lengths, prefill=True, max_new_tokens=max_new_tokens))
+        return self.logits(x[jnp.arange(x.shape[0]), lengths - 1])
+
+    def decode(self, tokens: Int[Array, " b"], lengths: Int[Array, " b"], step: Int[Array, ""]
+               ) -> Float[Array, "b v"]:
+        """Advance every row by its `step`-th new token (at position lengths[b] + step); returns the
+        next logits."""
+        return self.logits(self.hidden(tokens[:, None], Decoding(lengths, step))[:, 0])

@@ -319,7 +319,6 @@ def test_init_from_hf_and_orbax_start_from_those_weights(tmp_path, hf_checkpoint
 
 
 def final_params(workdir):
-    from nemojax.checkpoint.orbax_io import load_params
 
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
     path = os.path.join(workdir, "checkpoints", str(steps[-1]))

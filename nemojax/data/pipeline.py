@@ -60,8 +60,16 @@ def eval_batches(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[di
     """Held-out synthetic sequences (with recall positions), batched; empty for other sources."""
     if config.data.source != "synthetic" or not config.data.eval_sequences:
         return []
-    source = SyntheticSource(config.data.shuffle_seed + _EVAL_STREAM, config.seq_len)
-    examples = [source[i] for i in range(config.data.eval_sequences)]
-    size = min(config.batch_size, len(examples))
+    return synthetic_eval_batches(config.data.shuffle_seed, config.seq_len, config.data.eval_sequences,
+                                  config.batch_size)
+
+
+def synthetic_eval_batches(shuffle_seed: int, seq_len: int, count: int, batch_size: int
+                           ) -> list[dict[str, np.ndarray]]:
+    """`count` sequences of the held-out stream of the synthetic run with this `shuffle_seed`, in whole
+    batches of at most `batch_size`."""
+    source = SyntheticSource(shuffle_seed + _EVAL_STREAM, seq_len)
+    examples = [source[i] for i in range(count)]
+    size = min(batch_size, len(examples))
     return [{k: np.stack([e[k] for e in examples[i:i + size]]) for k in examples[0]}
             for i in range(0, len(examples) - size + 1, size)]

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dense, normal, param
-from nemojax.ops.attention import causal_attention
+from nemojax.layers.common import Decoding, dense, normal, param
+from nemojax.ops.attention import cached_attention, causal_attention
 
 
 class Attention(nn.Module):
+    """Under decoding, keys and values are cached: the prompt's, and the new tokens' (see `Decoding`)."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         cfg = self.cfg
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -23,6 +26,25 @@ class Attention(nn.Module):
         q = dense(u, param(self, "q_proj", init, (d, nh, hd), ("embed", "heads", "head_dim"), pdt), 1, cdt)
         k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
-        out = causal_attention(q, k, v)  # fp32 scores and softmax; K/V heads shared, never repeated
+        if decoding is None or decoding.prefill:
+            out = causal_attention(q, k, v)  # fp32 scores and softmax; K/V heads shared, never repeated
+        if decoding is not None:
+            # The prompt's keys and values are written once, at prefill; each decoding step writes its
+            # own into a separate buffer (one slot per new token, the same slot in every row). Updating a
+            # whole context-long cache inside the decode loop made XLA copy it every step.
+            shape = (u.shape[0], nkv, decoding.max_new_tokens, hd)
+            k_new, v_new = (self.variable("cache", name, jnp.zeros, shape, cdt) for name in ("new_k", "new_v"))
+            if decoding.prefill:
+                self.put_variable("cache", "prompt_k", k.transpose(0, 2, 1, 3))  # [b, kv_heads, l, head_dim]
+                self.put_variable("cache", "prompt_v", v.transpose(0, 2, 1, 3))
+            else:
+                k_prompt, v_prompt = self.get_variable("cache", "prompt_k"), self.get_variable("cache", "prompt_v")
+                k_new.value = jax.lax.dynamic_update_slice_in_dim(k_new.value, k.transpose(0, 2, 1, 3),
+                                                                  decoding.step, axis=2)
+                v_new.value = jax.lax.dynamic_update_slice_in_dim(v_new.value, v.transpose(0, 2, 1, 3),
+                                                                  decoding.step, axis=2)
+                out = cached_attention(q[:, 0], (k_prompt, k_new.value), (v_prompt, v_new.value),
+                                       (decoding.lengths, jnp.full_like(decoding.lengths, decoding.step + 1)))
+                out = out[:, None]
         w_o = param(self, "o_proj", init, (nh, hd, d), ("heads", "head_dim", "embed"), pdt)
         return dense(out, w_o, 2, cdt)

@@ -1,4 +1,5 @@
-"""Helpers every layer shares: logically-partitioned parameters, the config's dtypes, and `dense`."""
+"""Helpers every layer shares: logically-partitioned parameters, the config's dtypes, `dense`, and the
+`Decoding` spec that switches mixers from training to cached inference."""
 
 from __future__ import annotations
 
@@ -8,8 +9,25 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Int
 
 Initializer = Callable[..., jax.Array]
+
+
+@struct.dataclass
+class Decoding:
+    """A cached-inference call. Mixers with state keep it in the "cache" variable collection.
+
+    Prefill (`prefill=True`): right-padded prompts of `lengths[b]` real tokens fill fresh caches, with
+    room for `max_new_tokens` more; padding never reaches a cache. A decoding step: one new token per
+    row, the row's `step`-th, at position `lengths[b] + step` (every row advances together).
+    """
+
+    lengths: Int[Array, " b"]
+    step: Int[Array, ""] | int = 0
+    prefill: bool = struct.field(pytree_node=False, default=False)
+    max_new_tokens: int = struct.field(pytree_node=False, default=0)
 
 
 def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],

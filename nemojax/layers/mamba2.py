@@ -14,10 +14,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dense, normal, param
+from nemojax.layers.common import Decoding, dense, normal, param
 from nemojax.layers.norms import GatedGroupRMSNorm
-from nemojax.ops.conv import causal_conv1d_silu
-from nemojax.ops.ssd import ssd_chunked
+from nemojax.ops.conv import causal_conv1d_silu, conv_step
+from nemojax.ops.ssd import ssd_chunked, ssd_step
 
 
 def _a_log_init(key, shape, dtype):
@@ -40,17 +40,27 @@ def _conv_init(width: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
+    """Per row b, the `count` entries of t (time axis 1) before position lengths[b], zeros before 0."""
+    padded = jnp.pad(t, [(0, 0), (count, 0)] + [(0, 0)] * (t.ndim - 2))
+    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, count, axis=0))(padded, lengths)
+
+
 class Mamba2Mixer(nn.Module):
+    """Training and prefill run the chunked SSD over the sequence; a decoding step runs the recurrence
+    once (`ssd_step`), from the cached SSM state and the last K-1 conv inputs."""
+
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         cfg = self.cfg
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, h, p, g, n, k = (cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups,
                             cfg.ssm_state_size, cfg.conv_kernel)
         init = normal(cfg.initializer_range)
         heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
+        stepping = decoding is not None and not decoding.prefill
 
         z = dense(u, param(self, "in_z", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
         x = dense(u, param(self, "in_x", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
@@ -62,7 +72,16 @@ class Mamba2Mixer(nn.Module):
             weight = param(self, f"conv_{name}", _conv_init(k), (k, *t.shape[2:]), ("conv_width", *axes), pdt)
             bias = (param(self, f"conv_{name}_bias", _conv_init(k), t.shape[2:], axes, pdt) if cfg.use_conv_bias
                     else jnp.zeros(t.shape[2:], pdt))
-            return causal_conv1d_silu(t, weight, bias)
+            if decoding is None:
+                return causal_conv1d_silu(t, weight, bias)
+            # The cache holds the last K-1 conv inputs of each row.
+            cached = self.variable("cache", f"conv_{name}", jnp.zeros, (t.shape[0], k - 1, *t.shape[2:]), t.dtype)
+            if decoding.prefill:
+                cached.value = _last_tokens(t, decoding.lengths, k - 1)
+                return causal_conv1d_silu(t, weight, bias)
+            window = jnp.concatenate([cached.value, t], axis=1)
+            cached.value = window[:, 1:]
+            return conv_step(window, weight, bias)[:, None]
 
         x, B, C = conv("x", x, heads), conv("B", B, groups), conv("C", C, groups)
 
@@ -70,11 +89,22 @@ class Mamba2Mixer(nn.Module):
         A_log = param(self, "A_log", _a_log_init, (h,), ("ssm_heads",), pdt)
         D = param(self, "D", jax.nn.initializers.ones, (h,), ("ssm_heads",), pdt)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
-        # HF clamps dt to (time_step_min, inf), whatever config.time_step_limit says.
+        # HF clamps dt to (time_step_min, inf), whatever config.time_step_limit says. (Its decoding step
+        # does not clamp; we do, so that decoding equals the full-sequence forward.)
         dt = jnp.maximum(dt, cfg.time_step_min)
         A = -jnp.exp(A_log.astype(jnp.float32))
 
-        y, _ = ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+        if decoding is None:
+            y, _ = ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+        else:
+            ssm = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], h, p, n), jnp.dtype(cfg.mamba_ssm_cache_dtype))
+            if stepping:
+                y, state = ssd_step(ssm.value, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+                y = y[:, None]
+            else:  # padded steps get dt = 0: no decay and no input, so the final state is the last real token's
+                real = jnp.arange(u.shape[1])[None, :] < decoding.lengths[:, None]
+                y, state = ssd_chunked(x, jnp.where(real[..., None], dt, 0.0), A, B, C, cfg.chunk_size, D=D)
+            ssm.value = state.astype(ssm.value.dtype)
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                           if cfg.rescale_prenorm_residual else cfg.initializer_range)

@@ -79,3 +79,11 @@ def _bwd(res, dy):
 
 
 causal_conv1d_silu.defvjp(_fwd, _bwd)
+
+
+def conv_step(window: Float[Array, "b k *c"], weight: Float[Array, "k *c"], bias: Float[Array, "*c"]
+              ) -> Float[Array, "b *c"]:
+    """The newest output of `causal_conv1d_silu` from its last K inputs (decoding)."""
+    window, weight = window.astype(f32), weight.astype(f32)
+    pre = sum(window[:, k] * weight[k] for k in range(weight.shape[0])) + bias.astype(f32)  # elementwise, fused
+    return jax.nn.silu(pre).astype(window.dtype)

@@ -5,8 +5,8 @@ Recurrence, per head h (state S of shape [head_dim, state]):
 
 `ssd_chunked` evaluates it in chunks of Q tokens: inside a chunk as a masked (Q x Q) "attention"
 product, across chunks through the chunk-final states, combined with `jax.lax.associative_scan`.
-Memory is O(L * Q) per head, never O(L^2). `ssd_sequential` is the token-by-token reference that
-the tests compare against.
+Memory is O(L * Q) per head, never O(L^2). `ssd_step` advances one token (decoding);
+`ssd_sequential`, the token-by-token reference the tests compare against, is built from it.
 """
 
 from __future__ import annotations
@@ -193,6 +193,27 @@ def _ssd_bwd(q, res, cotangents):
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
+def ssd_step(
+    state: Float[Array, "b h p n"],
+    x: Float[Array, "b h p"],
+    dt: Float[Array, "b h"],
+    A: Float[Array, " h"],
+    B: Float[Array, "b g n"],
+    C: Float[Array, "b g n"],
+    D: Float[Array, " h"] | None = None,
+) -> tuple[Float[Array, "b h p"], Float[Array, "b h p n"]]:
+    """One token of the recurrence (decoding): (y in fp32, next state). Cost independent of context."""
+    r = x.shape[1] // B.shape[1]
+    x32, dt32 = x.astype(f32), dt.astype(f32)
+    B_h, C_h = (jnp.repeat(t.astype(f32), r, axis=1) for t in (B, C))  # head i reads group i // r
+    state = (jnp.exp(dt32 * A.astype(f32))[..., None, None] * state.astype(f32)
+             + (dt32[..., None] * x32)[..., None] * B_h[:, :, None, :])
+    y = jnp.einsum("bhpn,bhn->bhp", state, C_h)
+    if D is not None:
+        y = y + D.astype(f32)[:, None] * x32
+    return y, state
+
+
 def ssd_sequential(
     x: Float[Array, "b l h p"],
     dt: Float[Array, "b l h"],
@@ -202,23 +223,14 @@ def ssd_sequential(
     D: Float[Array, " h"] | None = None,
     initial_state: Float[Array, "b h p n"] | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
-    """Token-by-token recurrence (test reference only: slow, but obviously right)."""
+    """`ssd_step` token by token (test reference only: slow, but obviously right)."""
     b, _, h, p = x.shape
-    g, n = B.shape[-2:]
-    r = h // g
+    n = B.shape[-1]
     state = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
 
     def step(state, inputs):
-        x_t, dt_t, B_t, C_t = inputs  # [b h p], [b h], [b g n], [b g n]
-        B_h = jnp.repeat(B_t, r, axis=1)
-        C_h = jnp.repeat(C_t, r, axis=1)
-        state = (jnp.exp(dt_t * A)[..., None, None] * state
-                 + (dt_t[..., None] * x_t)[..., None] * B_h[:, :, None, :])
-        return state, jnp.einsum("bhpn,bhn->bhp", state, C_h)
+        y, state = ssd_step(state, *inputs[:2], A, *inputs[2:], D)
+        return state, y
 
-    inputs = tuple(jnp.moveaxis(t.astype(f32), 1, 0) for t in (x, dt, B, C))
-    state, ys = jax.lax.scan(step, state, inputs)
-    y = jnp.moveaxis(ys, 0, 1)
-    if D is not None:
-        y = y + D.astype(f32)[:, None] * x.astype(f32)
-    return y, state
+    state, ys = jax.lax.scan(step, state, tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C)))
+    return jnp.moveaxis(ys, 0, 1), state

@@ -1,0 +1,138 @@
+"""Per-token decode latency of the `small` hybrid (~110M), against the weight-streaming floor and
+against transformers' `generate` on the same weights, in one process.
+
+A decode step of one sequence reads every weight once (the embedding aside: one row), so its floor
+is (weight bytes) / (the rate at which a large jitted matrix-vector product streams its matrix).
+nemojax: the prompt is prefilled once, then `generate`'s own decode loop (`decode_tokens`) is timed
+for N tokens. transformers: (time of generate(N2 tokens) - time of generate(N1)) / (N2 - N1), so its
+prefill cancels (at 256 tokens of context, where prefill is short enough not to drown the difference).
+
+    python benchmarks/decode.py [--contexts 256,2048,8192] [--batch 16] [--repeats 3] [--skip-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import nemojax  # noqa: E402
+from benchmarks.common import median_seconds  # noqa: E402
+from nemojax.generate import Sampling, decode_tokens  # noqa: E402
+
+from configs import small  # noqa: E402
+
+SMALL = small.get_config().model.to_dict()
+N1, N2 = 8, 72  # transformers: tokens generated in the short and the long run
+N = 64  # nemojax: tokens per timed decode loop
+
+
+def matvec_bytes_per_second(repeats: int = 7) -> float:
+    """Streaming rate of a jitted fp32 matrix-vector product over a 256 MB matrix: the best median of
+    two shapes and both orientations (the fastest reading makes the most demanding floor)."""
+    best = 0.0
+    for rows, cols in ((8192, 8192), (4096, 16384)):
+        w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+        products = ((jax.jit(lambda w, v: w @ v), jnp.ones((cols,))), (jax.jit(lambda w, v: v @ w), jnp.ones((rows,))))
+        for f, v in products:
+            seconds = median_seconds(lambda: f(w, v).block_until_ready(), repeats=repeats, warmup=2)
+            best = max(best, w.nbytes / seconds)
+    return best
+
+
+def per_token_seconds(run, repeats: int) -> float:
+    """(median time of run(N2) - median time of run(N1)) / (N2 - N1)."""
+    long_run = median_seconds(lambda: run(N2), repeats)
+    short_run = median_seconds(lambda: run(N1), repeats)
+    return (long_run - short_run) / (N2 - N1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="256,2048,8192")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-torch", action="store_true", help="time nemojax only")
+    args = parser.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    import torch
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    hf_model = NemotronHForCausalLM(NemotronHConfig(**SMALL)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        cfg, params = nemojax.load_hf(tmp)
+    rng = np.random.default_rng(0)
+
+    def prompts(batch, context):
+        return rng.integers(3, cfg.vocab_size, (batch, context)).tolist()
+
+    model = nemojax.NemotronH(cfg)
+    prefill = jax.jit(lambda ids, lengths: model.apply({"params": params}, ids, lengths, N, method="prefill",
+                                                       mutable=["cache"]))
+    decode = jax.jit(functools.partial(decode_tokens, cfg, max_new_tokens=N, sampling=Sampling(), stops=(),
+                                       thinking=None))
+
+    def ours(batch_prompts) -> float:
+        """Seconds per decoding step (one token per row) of `generate`'s decode loop."""
+        ids, lengths = jnp.asarray(batch_prompts, jnp.int32), jnp.full((len(batch_prompts),), len(batch_prompts[0]))
+        logits, cache = prefill(ids, lengths)
+        no_thought, limits = jnp.zeros(lengths.shape, bool), jnp.zeros((2,), jnp.int32)
+        run = lambda: decode(params, cache["cache"], logits, lengths, no_thought, limits,  # noqa: E731
+                             jax.random.key(0)).block_until_ready()
+        return median_seconds(run, args.repeats) / N
+
+    def theirs(batch_prompts):
+        ids = torch.tensor(batch_prompts)
+
+        def run(n):
+            with torch.no_grad():
+                hf_model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return run
+
+    total = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    streamed = total - params["embed"].nbytes + params["embed"].nbytes // cfg.vocab_size
+    bandwidth = matvec_bytes_per_second()
+    floor = streamed / bandwidth  # re-measured at the end; the higher reading is kept
+    print(f"small hybrid, fp32: {total / 1e6:.0f} MB of weights, {streamed / 1e6:.0f} MB read per decode step; "
+          f"matvec streams {bandwidth / 1e9:.1f} GB/s -> floor {floor * 1e3:.2f} ms/token; "
+          f"{jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+    print(f"{'':28s} {'ms/token':>9s} {'tokens/s':>9s} {'x floor':>8s}")
+
+    def report(name, seconds, batch):
+        print(f"{name:28s} {seconds * 1e3:9.2f} {batch / seconds:9.1f} {seconds / floor:8.2f}")
+
+    latency = {}
+    for context in contexts:
+        latency[context] = ours(prompts(1, context))
+        report(f"nemojax batch 1, ctx {context}", latency[context], 1)
+    if len(contexts) > 1:
+        ratio = latency[contexts[-1]] / latency[contexts[0]]
+        print(f"latency ratio ctx {contexts[-1]} / ctx {contexts[0]}: {ratio:.2f}")
+    batch_prompts = prompts(args.batch, contexts[0])
+    ours_batch = ours(batch_prompts)
+    report(f"nemojax batch {args.batch}, ctx {contexts[0]}", ours_batch, args.batch)
+    if not args.skip_torch:
+        single = per_token_seconds(theirs(prompts(1, contexts[0])), args.repeats)
+        report(f"transformers batch 1, ctx {contexts[0]}", single, 1)
+        theirs_batch = per_token_seconds(theirs(batch_prompts), args.repeats)
+        report(f"transformers batch {args.batch}, ctx {contexts[0]}", theirs_batch, args.batch)
+        print(f"speed-up over transformers: batch 1 {single / latency[contexts[0]]:.2f}x, "
+              f"batch {args.batch} {theirs_batch / ours_batch:.2f}x")
+    best = max(bandwidth, matvec_bytes_per_second())
+    print(f"matvec, best of both readings: {best / 1e9:.1f} GB/s -> floor {streamed / best * 1e3:.2f} ms/token; "
+          f"nemojax batch 1 at ctx {contexts[0]} is {latency[contexts[0]] * best / streamed:.2f}x of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Evaluate or sample from a checkpoint (Orbax, from training or the converter, or a Hugging Face directory).
+
+    python eval.py --checkpoint CKPT --tasks perplexity --data docs.jsonl
+    python eval.py --checkpoint CKPT --tasks choice --choice_data choices.jsonl   # {context, choices, label}
+    python eval.py --checkpoint WORKDIR/checkpoints/600 --tasks recall
+    python eval.py --checkpoint CKPT --tasks generate --prompt "2+2=" [--nochat] [--max_thinking_tokens=512]
+
+Results are printed as a table and written as JSON to --output (default ./eval_results.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from absl import app, flags, logging
+
+TASKS = ("perplexity", "choice", "recall", "generate")
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an Orbax checkpoint directory or an HF checkpoint directory")
+_TASKS = flags.DEFINE_list("tasks", None, f"comma-separated, from {', '.join(TASKS)}")
+_DATA = flags.DEFINE_list("data", [], "perplexity: .jsonl files (a `text` field per line) or text files")
+_CHOICE_DATA = flags.DEFINE_string("choice_data", None, "choice: a .jsonl of {context, choices, label} lines")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "the jsonl field holding a document's text (perplexity)")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several)")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "generate: a file with one prompt per line")
+_CHAT = flags.DEFINE_bool("chat", None, "generate: wrap each prompt in the tokenizer's chat template "
+                          "(default: when the tokenizer has one; --nochat for raw prompts)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens to generate per prompt")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens (0: all)")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed")
+_THINKING = flags.DEFINE_integer("max_thinking_tokens", None, "generate: reasoning budget (models with <think>)")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer.json, or `bytes`; default: the checkpoint's")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass when scoring")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "scoring window (default: max_position_embeddings)")
+_DTYPE = flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+_RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
+_RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
+_OUTPUT = flags.DEFINE_string("output", "eval_results.json", "where the results are written as JSON")
+flags.mark_flags_as_required(["checkpoint", "tasks"])
+
+
+def run_tasks() -> dict:
+    from nemojax import evaluation
+    from nemojax.checkpoint.loading import load_model
+    from nemojax.scoring import Scorer
+    from nemojax.tokenizer import for_checkpoint
+
+    unknown = [t for t in _TASKS.value if t not in TASKS]
+    if unknown:
+        raise evaluation.EvalError(f"--tasks: unknown task(s) {unknown}; expected some of {', '.join(TASKS)}")
+    runtime = {"param_dtype": _DTYPE.value, "dtype": _DTYPE.value} if _DTYPE.value else {}
+    cfg, params, training = load_model(_CHECKPOINT.value, **runtime)
+    needs_text = {"perplexity", "choice", "generate"} & set(_TASKS.value)
+    tokenizer = for_checkpoint(_CHECKPOINT.value, _TOKENIZER.value, training) if needs_text else None
+    scorer = Scorer(cfg, params, _BATCH.value, _MAX_LENGTH.value)
+    results: dict = {"checkpoint": os.path.abspath(_CHECKPOINT.value)}
+    for task in _TASKS.value:
+        if task == "perplexity":
+            if not _DATA.value:
+                raise evaluation.EvalError("task perplexity: name the data file(s) with --data")
+            results[task] = evaluation.perplexity(scorer, tokenizer, _DATA.value, _TEXT_FIELD.value)
+        elif task == "choice":
+            if not _CHOICE_DATA.value:
+                raise evaluation.EvalError("task choice: name the examples file with --choice_data")
+            results[task] = evaluation.choice(scorer, tokenizer, _CHOICE_DATA.value)
+        elif task == "recall":
+            data = (training or {}).get("data", {})
+            seq_len = _RECALL_LEN.value or (training or {}).get("seq_len", 128)
+            results[task] = evaluation.recall(cfg, params, _RECALL_SEQS.value, seq_len, data.get("shuffle_seed", 0),
+                                              _BATCH.value)
+        else:
+            results[task] = evaluation.generate_texts(
+                cfg, params, tokenizer, _prompts(), _CHAT.value, max_new_tokens=_MAX_NEW.value,
+                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                max_thinking_tokens=_THINKING.value)
+    return results
+
+
+def _prompts() -> list[str]:
+    from nemojax.evaluation import EvalError
+
+    prompts = list(_PROMPT.value)
+    if _PROMPTS_FILE.value:
+        if not os.path.isfile(_PROMPTS_FILE.value):
+            raise EvalError(f"--prompts_file {_PROMPTS_FILE.value!r}: no such file")
+        with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise EvalError("task generate: give prompts with --prompt or a non-empty --prompts_file")
+    return prompts
+
+
+def print_table(results: dict) -> None:
+    rows = []
+    for task, result in results.items():
+        if task == "generate":
+            for item in result:
+                rows.append((task, repr(item["prompt"])[:40], repr(item["completion"])))
+        elif isinstance(result, dict):
+            rows += [(task, k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()]
+    widths = [max(len(r[i]) for r in rows + [("task", "metric", "value")]) for i in range(3)]
+    for row in [("task", "metric", "value"), tuple("-" * w for w in widths)] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def write_json(path: str, results: dict) -> None:
+    """Written to a temporary file and renamed, so a crash never leaves half a results file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        json.dump(results, f, indent=2)
+    os.replace(f.name, path)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from nemojax.checkpoint.hf import CheckpointError
+    from nemojax.config import ConfigError
+    from nemojax.evaluation import EvalError
+    from nemojax.generate import GenerationError
+    from nemojax.scoring import ScoringError
+    from nemojax.tokenizer import TokenizerError
+
+    try:
+        results = run_tasks()
+    except (CheckpointError, ConfigError, EvalError, GenerationError, ScoringError, TokenizerError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print_table(results)
+    write_json(_OUTPUT.value, results)
+    print(f"results written to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

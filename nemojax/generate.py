@@ -1,0 +1,199 @@
+"""Sampling from a model with caches: one prefill, then one jitted `lax.while_loop` of decoding steps.
+
+Prompts of different lengths are right-padded into one batch. Prefill keeps padding out of every cache
+(`Decoding`), and each row then decodes at its own position, so a row's tokens do not depend on the
+other prompts. Mamba layers advance by the recurrent update (constant cost per token); attention
+layers read their key/value cache up to the row's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from nemojax.config import ModelConfig
+from nemojax.model import NemotronH
+
+PAD = -1  # marks the steps after a row stopped
+
+
+class GenerationError(ValueError):
+    """Prompts or options that cannot be generated from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the `top_k`
+    most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkingTokens:
+    """Token ids that delimit a thought, and every id whose text contains a newline (from a tokenizer:
+    `nemojax.tokenizer.Tokenizer.thinking_tokens`). Nemotron 3 Nano / Super use <think> = 12, </think> = 13."""
+
+    start: int
+    end: int
+    newlines: tuple[int, ...]
+
+
+def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_tokens: Sequence[int] | None = None, max_thinking_tokens: int | None = None,
+             thinking: ThinkingTokens | None = None, thinking_grace: int = 256) -> list[list[int]]:
+    """The new tokens for each prompt, up to `max_new_tokens`, ending before the first stop token
+    (default: the config's eos tokens). Greedy when `temperature` is 0.
+
+    `max_thinking_tokens` bounds the reasoning of models that think between `thinking.start` and
+    `thinking.end`: after that many thinking tokens an unfinished thought is closed by inserting
+    `thinking.end` after the next newline, or after `thinking_grace` more tokens if no newline comes.
+    A prompt that ends inside an open thought (the chat template's `<think>`) counts as thinking.
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    _check(cfg, prompts, max_new_tokens)
+    stops = tuple(int(t) for t in (_eos_tokens(cfg) if stop_tokens is None else stop_tokens))
+    if max_thinking_tokens is None:
+        thinking = None
+    elif thinking is None:
+        raise GenerationError("max_thinking_tokens needs `thinking=ThinkingTokens(start, end, newlines)`; "
+                              "`nemojax.tokenizer.from_file(path).thinking_tokens()` reads them from a tokenizer")
+    limits = np.array([max_thinking_tokens or 0, thinking_grace], np.int32)
+
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = bucket_length(int(lengths.max()))
+    ids = np.zeros((len(prompts), padded), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    thinking_now = np.array([thinking is not None and _open_thought(p, thinking) for p in prompts], bool)
+    cfg = dataclasses.replace(cfg, remat="none")
+    out = _generate_ids(params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(thinking_now),
+                        jnp.asarray(limits), jax.random.key(seed), cfg=cfg, max_new_tokens=int(max_new_tokens),
+                        sampling=Sampling(float(temperature), int(top_k), float(top_p)), stops=stops,
+                        thinking=thinking)
+    results = []
+    for row in np.asarray(out):
+        tokens = []
+        for t in row.tolist():
+            if t == PAD or t in stops:
+                break
+            tokens.append(t)
+        results.append(tokens)
+    return results
+
+
+def _eos_tokens(cfg: ModelConfig) -> tuple[int, ...]:
+    eos = cfg.eos_token_id
+    return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def _check(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise GenerationError("no prompts to generate from")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    limit = cfg.max_position_embeddings
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise GenerationError(f"prompt {i} is empty (generation needs at least one token)")
+        if len(prompt) + max_new_tokens > limit:
+            raise GenerationError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} "
+                                  f"that exceeds the model's limit of {limit} tokens (max_position_embeddings)")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+
+
+def bucket_length(length: int) -> int:
+    """Prompt batches are padded to a few lengths, so similar batches share one compilation."""
+    return max(16, 1 << (length - 1).bit_length()) if length <= 256 else -(-length // 256) * 256
+
+
+def _open_thought(prompt: list[int], thinking: ThinkingTokens) -> bool:
+    start, end = thinking.start, thinking.end
+    last_start = max((i for i, t in enumerate(prompt) if t == start), default=-1)
+    last_end = max((i for i, t in enumerate(prompt) if t == end), default=-1)
+    return last_start > last_end
+
+
+def sample(logits: Float[Array, "b v"], key: jax.Array, sampling: Sampling) -> Int[Array, " b"]:
+    """One token per row from fp32 logits."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def apply_budget(token: Int[Array, " b"], state: tuple, ids: ThinkingTokens, limits: Int[Array, "2"]
+                 ) -> tuple[Int[Array, " b"], tuple]:
+    """Force `</think>` where the budget says so, then update (in thought, thought length, force next).
+    limits: (max thinking tokens, grace)."""
+    in_thought, length, force = state
+    token = jnp.where(force, ids.end, token)
+    opened, closed = token == ids.start, token == ids.end
+    length = jnp.where(opened, 0, length + in_thought.astype(jnp.int32))
+    in_thought = (in_thought | opened) & ~closed
+    newline = jnp.isin(token, jnp.asarray(ids.newlines, jnp.int32))
+    over = length >= limits[0]
+    force = in_thought & over & (newline | (length >= limits[0] + limits[1]))
+    return token, (in_thought, length, force)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stops", "thinking"))
+def _generate_ids(params: Any, ids: Int[Array, "b l"], lengths: Int[Array, " b"],
+                  thinking_now: Bool[Array, " b"], limits: Int[Array, "2"], key: jax.Array, *, cfg: ModelConfig,
+                  max_new_tokens: int, sampling: Sampling, stops: tuple[int, ...], thinking: ThinkingTokens | None
+                  ) -> Int[Array, "b n"]:
+    logits, cache = NemotronH(cfg).apply({"params": params}, ids, lengths, max_new_tokens, method="prefill",
+                                         mutable=["cache"])
+    return decode_tokens(cfg, params, cache["cache"], logits, lengths, thinking_now, limits, key,
+                         max_new_tokens=max_new_tokens, sampling=sampling, stops=stops, thinking=thinking)
+
+
+def decode_tokens(cfg: ModelConfig, params: Any, cache: Any, logits: Float[Array, "b v"], lengths: Int[Array, " b"],
+                  thinking_now: Bool[Array, " b"], limits: Int[Array, "2"], key: jax.Array, *, max_new_tokens: int,
+                  sampling: Sampling, stops: tuple[int, ...], thinking: ThinkingTokens | None) -> Int[Array, "b n"]:
+    """The decode loop after a prefill (its caches and last logits): up to `max_new_tokens` per row, PAD
+    after a row's stop token; ends early when every row has stopped."""
+    model = NemotronH(cfg)
+    batch = lengths.shape[0]
+    stop_ids = jnp.asarray(stops if stops else (-2,), jnp.int32)
+    thought = (thinking_now, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+
+    def keep_going(carry):
+        step, done = carry[0], carry[3]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def advance(carry):
+        step, logits, cache, done, out, key, thought = carry
+        key, sub = jax.random.split(key)
+        token = sample(logits, sub, sampling)
+        if thinking is not None:
+            token, thought = apply_budget(token, thought, thinking, limits)
+        out = out.at[:, step].set(jnp.where(done, PAD, token))
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = model.apply({"params": params, "cache": cache}, token, lengths, step, method="decode",
+                                    mutable=["cache"])
+        return step + 1, logits, cache["cache"], done, out, key, thought
+
+    out = jnp.full((batch, max_new_tokens), PAD, jnp.int32)
+    carry = (jnp.int32(0), logits, cache, jnp.zeros((batch,), bool), out, key, thought)
+    return jax.lax.while_loop(keep_going, advance, carry)[4]
