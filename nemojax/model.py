@@ -14,6 +14,7 @@ from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP
 from nemojax.layers.moe import MoE
 from nemojax.layers.norms import RMSNorm
+from nemojax.sharding import constrain_activations
 
 
 STATEFUL = "M*"  # block kinds that keep a cache when decoding
@@ -74,9 +75,9 @@ class NemotronH(nn.Module):
                                  ("embed", "vocab"), pdt)
 
     def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
-        x = jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        x = constrain_activations(jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype)))
         for block in self.layers:
-            x = block(x, decoding)
+            x = constrain_activations(block(x, decoding))
         return self.norm_f(x)
 
     def head_weight(self) -> Float[Array, "d v"]:

@@ -21,6 +21,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 # logical axis -> mesh axis (or axes); names not listed are replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),
+    ("length", None),  # activations keep whole sequences and a whole embedding (no sequence parallelism)
+    ("act_embed", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -60,6 +62,12 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a tree of (abstract) parameters boxed with logical axis names."""
     specs = nn.get_partition_spec(boxed_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    """Pin [batch, length, embed] activations between blocks to the batch sharding (inside a mesh
+    context; a no-op outside one), so the partitioner never carries a weight's layout into them."""
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"), rules=LOGICAL_RULES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

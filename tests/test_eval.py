@@ -37,13 +37,14 @@ DOCS = ["a=1 b=2 c=3 | c=3 a=1 b=2 and then a long tail of text that needs more 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """An Orbax checkpoint of a random model with every weight perturbed away from its init."""
-    init = jax.jit(lambda key: NemotronH(CFG).init(key, jnp.zeros((1, 8), jnp.int32))["params"])
-    params = nn.unbox(init(jax.random.key(0)))
-    leaves, tree = jax.tree_util.tree_flatten(params)
+    """An Orbax checkpoint of a random model: no weight at an init value (norm scales, A_log, D, biases
+    around 1; matrices scaled by their fan-in)."""
+    shapes = jax.eval_shape(lambda: NemotronH(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    leaves, tree = jax.tree_util.tree_flatten(nn.unbox(shapes["params"]))
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = tree.unflatten([p + 0.3 * jax.random.normal(k, p.shape) * (jnp.std(p) + 0.1)
-                             for p, k in zip(leaves, keys)])
+    params = tree.unflatten([1.0 + 0.3 * jax.random.normal(k, s.shape) if s.ndim == 1  # norms, A_log, D, biases
+                             else 0.3 * jax.random.normal(k, s.shape) / np.sqrt(s.shape[0])
+                             for s, k in zip(leaves, keys)])
     path = str(tmp_path_factory.mktemp("eval") / "ckpt")
     save_params(path, params, CFG)
     return path, params

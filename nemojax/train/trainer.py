@@ -93,6 +93,30 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config field `{name}` = {config[name]}: must be positive")
 
 
+def abstract_train_state(model: NemotronH, optimizer, mesh) -> tuple[TrainState, TrainState]:
+    """(the train state as ShapeDtypeStructs carrying their shardings, the shardings), allocating nothing."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    param_shardings = logical_shardings(boxed, mesh)
+    abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+    params = abstract(nn.unbox(boxed), param_shardings)
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_shardings = mirror_shardings(opt_shapes, params, replicated(mesh))
+    shardings = TrainState(replicated(mesh), param_shardings, opt_shardings)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    return TrainState(step, params, abstract(opt_shapes, opt_shardings)), shardings
+
+
+def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optimizer, schedule, mesh,
+                      state_shardings: TrainState):
+    """The train step jitted with the state's shardings and the batch split over the data axes."""
+    step = functools.partial(train_step, model, optimizer, grad_accum_steps=config.grad_accum_steps,
+                             aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
+                             schedule=schedule)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         _validate(config)
@@ -111,22 +135,10 @@ class Trainer:
 
     # ----- state ---------------------------------------------------------------------------------
     def _abstract_state(self) -> None:
-        """Shapes, dtypes and shardings of the train state, without allocating it."""
-        dummy = jnp.zeros((1, 8), jnp.int32)
-        boxed = jax.eval_shape(self.model.init, jax.random.key(0), dummy)["params"]
-        self.param_shardings = logical_shardings(boxed, self.mesh)
-        shapes = nn.unbox(boxed)
-        self.abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                            shapes, self.param_shardings)
-        opt_shapes = jax.eval_shape(self.optimizer.init, self.abstract_params)
-        opt_shardings = mirror_shardings(opt_shapes, self.abstract_params, replicated(self.mesh))
-        init = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,), out_shardings=opt_shardings)
-        abstract_opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    opt_shapes, opt_shardings)
-        self.state_shardings = TrainState(replicated(self.mesh), self.param_shardings, opt_shardings)
-        self.abstract = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
-                                   self.abstract_params, abstract_opt)
-        self._init_opt = init
+        self.abstract, self.state_shardings = abstract_train_state(self.model, self.optimizer, self.mesh)
+        self.abstract_params, self.param_shardings = self.abstract.params, self.state_shardings.params
+        self._init_opt = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,),
+                                 out_shardings=self.state_shardings.opt_state)
 
     def _initial_params(self):
         source = self.config.init_from
@@ -178,12 +190,8 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         config = self.config
-        step_fn = jax.jit(
-            functools.partial(train_step, self.model, self.optimizer, grad_accum_steps=config.grad_accum_steps,
-                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
-                              schedule=self.schedule),
-            in_shardings=(self.state_shardings, batch_sharding(self.mesh)),
-            out_shardings=(self.state_shardings, replicated(self.mesh)), donate_argnums=0)
+        step_fn = jitted_train_step(config, self.model, self.optimizer, self.schedule, self.mesh,
+                                    self.state_shardings)
         self._eval_fn = jax.jit(functools.partial(eval_step, self.model))
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         with self.mesh:

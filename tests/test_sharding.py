@@ -1,0 +1,90 @@
+"""configs/tiny.py trained under several meshes of 8 simulated CPU devices equals one device; parameters
+are really sharded as the logical rules say; a checkpoint written under one mesh resumes under another;
+`nemojax.plan`'s bytes equal the real arrays'."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_train import REPO, subprocess_env
+
+MESHES = {
+    "data8": "data=8",
+    "fsdp4_tensor2": "fsdp=4,tensor=2",
+    "data2_fsdp2_expert2": "data=2,fsdp=2,expert=2",
+    "fsdp2_tensor2_expert2": "fsdp=2,tensor=2,expert=2",
+    "resumed": "fsdp=4,tensor=2>data=2,fsdp=2,expert=2",
+}
+
+
+def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.Popen:
+    env = subprocess_env()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    script = os.path.join(REPO, "tests", "fixtures", "mesh_runs.py")
+    return subprocess.Popen([sys.executable, script, str(workdir), *(f"{k}:{v}" for k, v in runs.items())],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def results(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    [line] = [line for line in out.splitlines() if line.startswith("RESULTS ")]
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three processes at once (compilation is mostly single-threaded): one device, and two groups of
+    8-device meshes."""
+    root = tmp_path_factory.mktemp("meshes")
+    names = list(MESHES)
+    procs = [start_mesh_runs(root / "one", {"one": "data=1"}, devices=1),
+             start_mesh_runs(root / "a", {k: MESHES[k] for k in names[0::2]}, devices=8),
+             start_mesh_runs(root / "b", {k: MESHES[k] for k in names[1::2]}, devices=8)]
+    out: dict = {}
+    for proc in procs:
+        out.update(results(proc))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_mesh_gives_the_single_device_losses(runs, name):
+    assert runs[name]["devices"] == 8
+    assert len(runs[name]["losses"]) == 10
+    np.testing.assert_allclose(runs[name]["losses"], runs["one"]["losses"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_parameters_are_sharded_by_the_rules(runs, name):
+    run = runs[name]
+    assert run["wrong_sharding"] == []
+    specs = run["specs"]
+    if "data8" == name:  # pure data parallelism: every parameter whole on every device
+        assert run["split"] == []
+        return
+    assert len(run["split"]) >= run["arrays"] // 2, run["split"]
+    mesh = MESHES[name].split(">")[-1]
+    if "fsdp" in mesh:
+        assert "fsdp" in specs["['embed']"]
+    if "tensor" in mesh:
+        assert "tensor" in specs["['layers_1']['mixer']['q_proj']"]
+        assert "tensor" in specs["['layers_0']['mixer']['in_x']"]
+    if "expert" in mesh:
+        assert specs["['layers_2']['mixer']['experts_up']"].startswith("P('expert'")
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_plan_equals_the_real_arrays(runs, name):
+    """`nemojax.plan`'s per-device parameter and optimizer bytes (from shapes and shardings alone) equal
+    what the trained arrays occupy on a device; XLA's analysis of the same step is reported beside."""
+    run = runs[name]
+    for key in ("params_bytes", "optimizer_bytes"):
+        assert run["plan"][key] == run["measured"][key], key
+    assert run["plan"]["temp_bytes"] > 0
+    assert run["plan"]["argument_bytes"] >= run["plan"]["params_bytes"] + run["plan"]["optimizer_bytes"]
