@@ -74,7 +74,7 @@ def plan(config, compile_step: bool = True) -> dict[str, Any]:
         step = jitted_train_step(config, model, optimizer, learning_rate_schedule(config.optimizer,
                                                                                   config.total_steps),
                                  mesh, shardings)
-        with mesh:
+        with jax.set_mesh(mesh):
             analysis = step.lower(abstract, batch).compile().memory_analysis()
         # XLA's temporaries: activations kept for the backward, gradients before the update, workspace.
         result["temp_bytes"] = int(analysis.temp_size_in_bytes)

@@ -194,7 +194,7 @@ class Trainer:
                                     self.state_shardings)
         self._eval_fn = jax.jit(functools.partial(eval_step, self.model))
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        with self.mesh:
+        with jax.set_mesh(self.mesh):
             state, rng = self._start()
         start = int(state.step)
         writer = MetricsWriter(self.workdir, start, config.total_steps, enabled=jax.process_index() == 0)
@@ -241,7 +241,7 @@ class Trainer:
         try:
             for step in range(start + 1, config.total_steps + 1):
                 batch = self._device_batch(next(self.iterator))
-                with self.mesh:
+                with jax.set_mesh(self.mesh):
                     state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 writer.advance(1)
