@@ -88,3 +88,18 @@ def test_plan_equals_the_real_arrays(runs, name):
         assert run["plan"][key] == run["measured"][key], key
     assert run["plan"]["temp_bytes"] > 0
     assert run["plan"]["argument_bytes"] >= run["plan"]["params_bytes"] + run["plan"]["optimizer_bytes"]
+
+
+def test_expert_parallel_moe_equals_one_device():
+    """Experts split over 4 devices, tokens exchanged by all-to-all: outputs and gradients equal the
+    single-device MoE, with half of the experts receiving no token at all."""
+    env = subprocess_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fixtures", "expert_parallel_check.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    result = json.loads(line[len("RESULTS "):])
+    assert result["all_to_all"] >= 2  # the exchange really is an all-to-all
+    assert result["tokens_per_expert"].count(0) == 4
+    assert result["output"] < 1e-5 and result["grads"] < 1e-5, result

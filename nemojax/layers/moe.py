@@ -63,6 +63,54 @@ def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out)
 
 
+def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
+                            up: Float[Array, "e d f"], down: Float[Array, "e f d"], axis: str = "expert",
+                            batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")) -> Float[Array, "t d"]:
+    """`routed_experts` with the experts split over mesh axis `axis` (inside a mesh context): each
+    device sends every (token, slot) assignment to the device holding its expert with one all-to-all,
+    runs only its own experts on what it receives, and a second all-to-all brings the results back.
+
+    Dropless without a ragged exchange (XLA:CPU has no `ragged_all_to_all`): every send buffer has room
+    for all of a device's assignments, so no expert can overflow; this costs memory, not exactness.
+    """
+    def local(x, weights, expert_ids, up, down):
+        devices, experts_here = jax.lax.axis_size(axis), up.shape[0]
+        assignments = expert_ids.size
+        flat_ids = expert_ids.reshape(-1)
+        destination = flat_ids // experts_here
+        order = jnp.argsort(destination, stable=True)
+        sorted_dest = destination[order]
+        counts = jnp.bincount(destination, length=devices)
+        slot = jnp.arange(assignments) - (jnp.cumsum(counts) - counts)[sorted_dest]
+        token_of = order // expert_ids.shape[1]
+        send_x = jnp.zeros((devices, assignments, x.shape[1]), x.dtype).at[sorted_dest, slot].set(x[token_of])
+        send_e = jnp.full((devices, assignments), experts_here, jnp.int32).at[sorted_dest, slot].set(
+            flat_ids[order] - sorted_dest * experts_here)  # the expert's index on its device; empty slots: none
+        recv_x = jax.lax.all_to_all(send_x, axis, 0, 0).reshape(-1, x.shape[1])
+        recv_e = jax.lax.all_to_all(send_e, axis, 0, 0).reshape(-1)
+        by_expert = jnp.argsort(recv_e, stable=True)
+        group_sizes = jnp.bincount(recv_e, length=experts_here + 1)[:experts_here].astype(jnp.int32)
+        hidden = relu2(jax.lax.ragged_dot(recv_x[by_expert], up, group_sizes))
+        out = jax.lax.ragged_dot(hidden, down, group_sizes)
+        out = jnp.where((recv_e[by_expert] < experts_here)[:, None], out, 0)  # rows past the groups
+        results = jnp.zeros_like(out).at[by_expert].set(out).reshape(devices, assignments, -1)
+        back = jax.lax.all_to_all(results, axis, 0, 0)[sorted_dest, slot]
+        combined = back.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[token_of].add(combined)
+
+    # Tokens stay where the batch sharding put them (split over every data-parallel axis); each device
+    # gathers its experts' weights whole (FSDP / tensor shards) at the boundary.
+    P = jax.sharding.PartitionSpec
+    tokens, experts = P(batch_axes), P(axis)
+    return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts), out_specs=tokens)(
+        x, weights, expert_ids, up, down)
+
+
+def _expert_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+
+
 class MoE(nn.Module):
     cfg: ModelConfig
 
@@ -91,7 +139,8 @@ class MoE(nn.Module):
             x = dense(x, param(self, "fc1_latent_proj", init, (d, m), ("embed", "latent"), pdt), 1, cdt)
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
-        y = routed_experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
+        experts = expert_parallel_experts if _expert_axis_size() > 1 else routed_experts
+        y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
         if cfg.moe_latent_size:
             y = dense(y, param(self, "fc2_latent_proj", init, (m, d), ("latent", "embed"), pdt), 1, cdt)
         y = y.reshape(batch, length, d)

@@ -125,6 +125,10 @@ class Trainer:
         self.cfg = model_config(config)
         self.model = NemotronH(self.cfg)
         self.mesh = make_mesh(config.mesh)
+        expert = self.mesh.shape["expert"]
+        if expert > 1 and self.cfg.has_moe and self.cfg.n_routed_experts % expert:
+            raise ConfigError(f"config field `mesh.expert` = {expert}: must divide model.n_routed_experts = "
+                              f"{self.cfg.n_routed_experts} (each device holds whole experts)")
         self.schedule = learning_rate_schedule(config.optimizer, config.total_steps)
         self.optimizer = make_optimizer(config.optimizer, config.total_steps)
         self.checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
