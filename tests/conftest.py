@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +83,27 @@ def hf_checkpoints(tmp_path_factory):
 def token_batch():
     rng = np.random.default_rng(0)
     return rng.integers(0, VOCAB, size=(BATCH, LENGTH)).astype(np.int32)
+
+
+# ----- long subprocess jobs started early, so they run beside the rest of the suite ----------------
+BACKGROUND: dict = {}
+_BACKGROUND_DIRS: list[str] = []
+
+
+def pytest_collection_finish(session):
+    """The 8-device mesh runs of test_sharding.py take ~1.5 minutes of mostly single-threaded
+    compilation: start them now, on the CPU core the in-process tests leave idle."""
+    if any(item.nodeid.startswith("tests/test_sharding.py::test_mesh") for item in session.items):
+        from tests.test_sharding import start_all
+
+        root = tempfile.mkdtemp(prefix="nemojax-meshes-")
+        _BACKGROUND_DIRS.append(root)
+        BACKGROUND["mesh_runs"] = start_all(root)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for procs in BACKGROUND.values():
+        for proc in procs:
+            proc.kill()
+    for root in _BACKGROUND_DIRS:
+        shutil.rmtree(root, ignore_errors=True)

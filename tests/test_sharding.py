@@ -16,11 +16,12 @@ from tests.test_train import REPO, subprocess_env
 
 MESHES = {
     "data8": "data=8",
-    "fsdp4_tensor2": "fsdp=4,tensor=2",
     "data2_fsdp2_expert2": "data=2,fsdp=2,expert=2",
+    "fsdp4_tensor2": "fsdp=4,tensor=2",
     "fsdp2_tensor2_expert2": "fsdp=2,tensor=2,expert=2",
-    "resumed": "fsdp=4,tensor=2>data=2,fsdp=2,expert=2",
+    "resumed": "fsdp=4,tensor=2>fsdp=2,tensor=2,expert=2",  # after the two runs whose steps it reuses
 }
+GROUPS = (["data8", "data2_fsdp2_expert2"], ["fsdp4_tensor2", "fsdp2_tensor2_expert2", "resumed"])
 
 
 def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.Popen:
@@ -38,15 +39,22 @@ def results(proc: subprocess.Popen) -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
+def start_all(root) -> list[subprocess.Popen]:
+    """Three processes at once (compilation is mostly single-threaded): one device, and two groups of
+    8-device meshes; the resumed run comes after the runs it shares compiled steps with (persistent
+    compilation cache). conftest.py starts them as soon as this module is collected, so they run
+    beside the rest of the suite."""
+    procs = [start_mesh_runs(os.path.join(root, "one"), {"one": "data=1"}, devices=1)]
+    procs += [start_mesh_runs(os.path.join(root, str(i)), {k: MESHES[k] for k in group}, devices=8)
+              for i, group in enumerate(GROUPS)]
+    return procs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three processes at once (compilation is mostly single-threaded): one device, and two groups of
-    8-device meshes."""
-    root = tmp_path_factory.mktemp("meshes")
-    names = list(MESHES)
-    procs = [start_mesh_runs(root / "one", {"one": "data=1"}, devices=1),
-             start_mesh_runs(root / "a", {k: MESHES[k] for k in names[0::2]}, devices=8),
-             start_mesh_runs(root / "b", {k: MESHES[k] for k in names[1::2]}, devices=8)]
+    from tests import conftest
+
+    procs = conftest.BACKGROUND.pop("mesh_runs", None) or start_all(tmp_path_factory.mktemp("meshes"))
     out: dict = {}
     for proc in procs:
         out.update(results(proc))
