@@ -162,8 +162,12 @@ def micro_setup():
     config = micro()
     cfg = ModelConfig.from_hf(config.model.to_dict())
     model = NemotronH(cfg)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    @jax.jit  # one compilation for the init and the perturbation, not one per leaf shape
+    def perturbed_init(key):
+        params = nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+        return jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+
+    params = perturbed_init(jax.random.key(0))
     optimizer = make_optimizer(config.optimizer, config.total_steps)
     return config, cfg, model, params, optimizer, learning_rate_schedule(config.optimizer, config.total_steps)
 
