@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # stored parameters and optimizer state
     c.dtype = "bfloat16"  # matmul inputs
     c.remat = "full"  # none | full | dots (save matmul outputs, recompute the rest); full fits big models
+    c.ssm_impl = "xla"  # xla | pallas (fused SSD kernels; interpreted, so slow, on the CPU)
+    c.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (TPU flash attention)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,

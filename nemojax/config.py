@@ -34,7 +34,9 @@ LEGACY_NAMES = {
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat")  # how to run a model, not part of config.json
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "ssm_impl", "attention_impl")  # not part of config.json
+SSM_IMPLS = ("xla", "pallas")  # the chunked SSD scan: nemojax/ops/ssd.py or pallas/ssd.py
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # rematerialise each block in the backward: none | full | dots (keep matmul outputs)
+    ssm_impl: str = "xla"  # "pallas": the fused SSD kernels (interpreted on the CPU)
+    attention_impl: str = "xla"  # "cudnn" on GPUs, "splash" on TPUs
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,8 +184,10 @@ class ModelConfig:
                   f"= {self.time_step_max}")
         if "E" in pattern or "E" in (self.mtp_hybrid_override_pattern if self.num_nextn_predict_layers else ""):
             self._validate_moe()
-        if self.remat not in REMAT_POLICIES:
-            _fail("remat", self.remat, f"must be one of {REMAT_POLICIES}")
+        for name, allowed in (("remat", REMAT_POLICIES), ("ssm_impl", SSM_IMPLS),
+                              ("attention_impl", ATTENTION_IMPLS)):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), f"must be one of {allowed}")
         for name in ("param_dtype", "dtype", "mamba_ssm_cache_dtype"):
             if getattr(self, name) not in _SUPPORTED_DTYPES:
                 _fail(name, getattr(self, name), f"must be one of {_SUPPORTED_DTYPES}")

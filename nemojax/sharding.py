@@ -7,7 +7,7 @@ Parameters carry logical axis names (`embed`, `heads`, `experts`, ...; see `laye
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,22 @@ def constrain_activations(x: jax.Array) -> jax.Array:
     """Pin [batch, length, embed] activations between blocks to the batch sharding (inside a mesh
     context; a no-op outside one), so the partitioner never carries a weight's layout into them."""
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"), rules=LOGICAL_RULES)
+
+
+def shard_map_logical(fn: Callable, in_axes: Sequence[tuple | None], out_axes: tuple | list[tuple]) -> Callable:
+    """`fn` run once per shard under the current mesh (`jax.shard_map`) with specs from logical axis
+    names: `in_axes` one per argument (None: replicated), `out_axes` the output's, or a list of them when
+    `fn` returns a tuple. Without a mesh, `fn` itself. For kernels, which see one device's shard."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+
+    def spec(axes):
+        return PartitionSpec() if axes is None else nn.logical_to_mesh_axes(axes, LOGICAL_RULES)
+
+    out_specs = tuple(map(spec, out_axes)) if isinstance(out_axes, list) else spec(out_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, in_axes)), out_specs=out_specs,
+                         check_vma=False)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

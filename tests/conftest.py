@@ -91,9 +91,14 @@ _BACKGROUND_DIRS: list[str] = []
 
 
 def pytest_collection_finish(session):
-    """The 8-device mesh runs of test_sharding.py take ~1.5 minutes of mostly single-threaded
-    compilation: start them now, on the CPU core the in-process tests leave idle."""
-    if any(item.nodeid.startswith("tests/test_sharding.py::test_mesh") for item in session.items):
+    """The 8-device runs of test_sharding.py (~1.5 minutes of mostly single-threaded compilation) and
+    test_pallas.py's sharded kernels: start them now, on the CPU core the in-process tests leave idle."""
+    selected = [item.nodeid for item in session.items]
+    if any(nodeid.startswith("tests/test_pallas.py::test_kernels_run_per_shard") for nodeid in selected):
+        from tests.test_sharding import start_check
+
+        BACKGROUND["kernel_check"] = [start_check("sharded_kernel_check")]
+    if any(nodeid.startswith("tests/test_sharding.py::test_mesh") for nodeid in selected):
         from tests.test_sharding import start_all
 
         root = tempfile.mkdtemp(prefix="nemojax-meshes-")

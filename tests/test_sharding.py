@@ -32,6 +32,14 @@ def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.P
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def start_check(name: str) -> subprocess.Popen:
+    """tests/fixtures/<name>.py on 8 simulated devices, in the background; `results` collects it."""
+    env = subprocess_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", f"{name}.py")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def results(proc: subprocess.Popen) -> dict:
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
@@ -101,13 +109,7 @@ def test_plan_equals_the_real_arrays(runs, name):
 def test_expert_parallel_moe_equals_one_device():
     """Experts split over 4 devices, tokens exchanged by all-to-all: outputs and gradients equal the
     single-device MoE, with half of the experts receiving no token at all."""
-    env = subprocess_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fixtures", "expert_parallel_check.py")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    result = json.loads(line[len("RESULTS "):])
+    result = results(start_check("expert_parallel_check"))
     assert result["all_to_all"] >= 2  # the exchange really is an all-to-all
     assert result["tokens_per_expert"].count(0) == 4
     assert result["output"] < 1e-5 and result["grads"] < 1e-5, result

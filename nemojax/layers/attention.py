@@ -10,6 +10,19 @@ from jaxtyping import Array, Float
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, dense, normal, param
 from nemojax.ops.attention import cached_attention, causal_attention
+from nemojax.sharding import shard_map_logical
+
+
+def causal_attention_of(cfg: ModelConfig):
+    """(q, k, v) -> attention output by `cfg.attention_impl`: the XLA blockwise attention, or a fused
+    kernel (cuDNN, splash) run on each device's own (batch, heads) shard."""
+    if cfg.attention_impl == "xla":
+        return causal_attention
+    from pallas import attention
+
+    kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}
+    q_axes, kv_axes = ("batch", "length", "heads", None), ("batch", "length", "kv_heads", None)
+    return shard_map_logical(kernel[cfg.attention_impl], in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
 
 
 class Attention(nn.Module):
@@ -27,7 +40,7 @@ class Attention(nn.Module):
         k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         if decoding is None or decoding.prefill:
-            out = causal_attention(q, k, v)  # fp32 scores and softmax; K/V heads shared, never repeated
+            out = causal_attention_of(cfg)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
         if decoding is not None:
             # The prompt's keys and values are written once, at prefill; each decoding step writes its
             # own into a separate buffer (one slot per new token, the same slot in every row). Updating a

@@ -18,6 +18,7 @@ from nemojax.layers.common import Decoding, dense, normal, param
 from nemojax.layers.norms import GatedGroupRMSNorm
 from nemojax.ops.conv import causal_conv1d_silu, conv_step
 from nemojax.ops.ssd import ssd_chunked, ssd_step
+from nemojax.sharding import shard_map_logical
 
 
 def _a_log_init(key, shape, dtype):
@@ -38,6 +39,20 @@ def _dt_bias_init(cfg: ModelConfig):
 def _conv_init(width: int):
     bound = 1.0 / math.sqrt(width)  # PyTorch's Conv1d default for a depthwise filter
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def chunked_scan(cfg: ModelConfig):
+    """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernel,
+    which runs on each device's own (batch, heads) shard."""
+    if cfg.ssm_impl == "xla":
+        return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+    from pallas.ssd import ssd
+
+    heads, groups = ("batch", "length", "ssm_heads"), ("batch", "length", "ssm_groups", None)
+    return shard_map_logical(
+        lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, cfg.chunk_size, D=D),
+        in_axes=((*heads, None), heads, ("ssm_heads",), groups, groups, ("ssm_heads",)),
+        out_axes=[(*heads, None), ("batch", "ssm_heads", None, None)])
 
 
 def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
@@ -95,7 +110,7 @@ class Mamba2Mixer(nn.Module):
         A = -jnp.exp(A_log.astype(jnp.float32))
 
         if decoding is None:
-            y, _ = ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+            y, _ = chunked_scan(cfg)(x, dt, A, B, C, D)
         else:
             ssm = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], h, p, n), jnp.dtype(cfg.mamba_ssm_cache_dtype))
             if stepping:
@@ -103,7 +118,7 @@ class Mamba2Mixer(nn.Module):
                 y = y[:, None]
             else:  # padded steps get dt = 0: no decay and no input, so the final state is the last real token's
                 real = jnp.arange(u.shape[1])[None, :] < decoding.lengths[:, None]
-                y, state = ssd_chunked(x, jnp.where(real[..., None], dt, 0.0), A, B, C, cfg.chunk_size, D=D)
+                y, state = chunked_scan(cfg)(x, jnp.where(real[..., None], dt, 0.0), A, B, C, D)
             ssm.value = state.astype(ssm.value.dtype)
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)

@@ -21,7 +21,7 @@ import numpy as np
 
 from nemojax.checkpoint.hf import load_hf
 from nemojax.checkpoint.orbax_io import TrainCheckpoints, is_orbax_checkpoint, load_params, read_model_config
-from nemojax.config import ConfigError, ModelConfig
+from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
 from nemojax.model import NemotronH
@@ -64,7 +64,7 @@ class Preempted(Exception):
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    runtime = dict(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
+    runtime = {name: config[name] for name in RUNTIME_FIELDS}
     if config.model_from_checkpoint:
         if not config.init_from:
             raise ConfigError("config field `model_from_checkpoint` = True needs `init_from`")
