@@ -78,8 +78,9 @@ class _Plan:
         """Triton loads and dots need power-of-two sizes of at least 16; Mosaic takes the full width."""
         return max(16, pl.next_power_of_2(width)) if self.loop else width
 
-    # Arrays are "time" [b, L, h], "seq" [b, L, h|g, w] or "state" [b, h, p, n] in natural layout; the
-    # grid driver moves heads (or groups) in front of time.
+    # Sequence arrays are [b, L, h|g, width] in natural layout (dt and dt * A with a unit width: a column
+    # per chunk, which both Mosaic's and Triton's tiling accept); the grid driver moves heads (or groups)
+    # in front of time. States are [b, h, p, n].
     def to_layout(self, t: jax.Array) -> jax.Array:
         return t if self.loop else jnp.moveaxis(t, 2, 1)
 
@@ -96,19 +97,12 @@ class _Plan:
         return (b, h) if self.loop else (b, h, n_chunks)
 
     def seq_spec(self, length: int, width: int, heads_per_row: int = 1, reverse: bool = False):
-        """x, y, B, C and their cotangents; `heads_per_row` > 1 maps a head to its group."""
+        """x, dt, y, B, C and their cotangents; `heads_per_row` > 1 maps a head to its group."""
         if self.loop:
             return pl.BlockSpec((None, length, None, width), lambda i, j: (i, 0, j // heads_per_row, 0))
         chunk = _chunk_index(length // self.chunk, reverse)
         return pl.BlockSpec((None, None, self.chunk, width),
                             lambda i, j, c: (i, j // heads_per_row, chunk(c), 0))
-
-    def time_spec(self, length: int, reverse: bool = False):
-        """dt, dt * A and their cotangents."""
-        if self.loop:
-            return pl.BlockSpec((None, length, None), lambda i, j: (i, 0, j))
-        chunk = _chunk_index(length // self.chunk, reverse)
-        return pl.BlockSpec((None, None, self.chunk), lambda i, j, c: (i, j, chunk(c)))
 
     def state_spec(self, p: int, n: int):
         """One [p, n] state per (batch, head): initial, final and their cotangents."""
@@ -125,6 +119,10 @@ class _Plan:
     def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch_p_n=None):
         """`pallas_call` with the driver's scratch (the grid driver's carried state) and semantics."""
         kwargs = {}
+        if self.loop and not self.interpret:
+            from jax.experimental.pallas import triton as pltriton
+
+            kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
         if not self.loop:
             from jax.experimental.pallas import tpu as pltpu
 
@@ -203,25 +201,25 @@ def _masks(q: int):
     return rows >= cols, rows <= cols, rows == cols
 
 
-def _column_to_row(v, eye):
+def _to_row(v, eye):
     """[q, 1] -> [1, q] as a masked reduction (no transpose op, which not every backend lowers)."""
     return jnp.sum(jnp.where(eye, v, 0.0), axis=0, keepdims=True)
 
 
 def _decays(a, masks):
-    """From the per-step log-decays a = dt * A [q]: s, their in-chunk cumulative sum [q, 1], the masked
-    (q x q) decay matrix exp(s_i - s_j), and the chunk total s_end."""
-    causal, upper, _ = masks
-    s_col = jnp.sum(jnp.where(causal, a[None, :], 0.0), axis=1, keepdims=True)
-    s_row = jnp.sum(jnp.where(upper, a[:, None], 0.0), axis=0, keepdims=True)
+    """From the per-step log-decays a = dt * A [q, 1]: their in-chunk cumulative sum s [q, 1], the
+    masked (q x q) decay matrix exp(s_i - s_j), and the chunk's total s_end."""
+    causal, upper, eye = masks
+    s_col = jnp.sum(jnp.where(causal, _to_row(a, eye), 0.0), axis=1, keepdims=True)
+    s_row = jnp.sum(jnp.where(upper, a, 0.0), axis=0, keepdims=True)
     decay = jnp.exp(jnp.where(causal, s_col - s_row, -jnp.inf))
     return s_col, decay, jnp.sum(a)
 
 
 def _chunk_forward(x, dt, a, Bm, Cm, state, masks, with_output: bool):
-    """y of the chunk (or None) and the state after it. x [q,p], dt/a [q], B/C [q,n], state [p,n]."""
+    """y of the chunk (or None) and the state after it. x [q,p], dt/a [q,1], B/C [q,n], state [p,n]."""
     s, decay, total = _decays(a, masks)
-    X = x * dt[:, None]
+    X = x * dt
     new_state = jnp.exp(total) * state + _mm(X * jnp.exp(total - s), Bm, transpose_a=True)
     if not with_output:
         return None, new_state
@@ -233,7 +231,7 @@ def _chunk_backward(x, dt, a, Bm, Cm, entering, dy, d_leaving, masks):
     """Cotangents of one chunk given those of its output (dy) and of the state leaving it."""
     _, upper, eye = masks
     s, decay, total = _decays(a, masks)
-    X = x * dt[:, None]
+    X = x * dt
     s_exp, to_end = jnp.exp(s), jnp.exp(total - s)
     M = _mm(Cm, Bm, transpose_b=True) * decay  # y_i = sum_j M_ij X_j within the chunk
 
@@ -248,14 +246,14 @@ def _chunk_backward(x, dt, a, Bm, Cm, entering, dy, d_leaving, masks):
     readout = s_exp * _mm(Cm, entering, transpose_b=True)
     d_to_end = to_end * jnp.sum(X * _mm(Bm, d_leaving, transpose_b=True), axis=1, keepdims=True)
     ds_col = jnp.sum(dMM, axis=1, keepdims=True) + jnp.sum(dy * readout, axis=1, keepdims=True) - d_to_end
-    ds_row = _column_to_row(ds_col, eye) - jnp.sum(dMM, axis=0, keepdims=True)
+    ds_row = _to_row(ds_col, eye) - jnp.sum(dMM, axis=0, keepdims=True)
     ds_total = jnp.exp(total) * jnp.sum(d_leaving * entering) + jnp.sum(d_to_end)
     # s = cumsum(a): da_k = sum_{i >= k} ds_i, and s_end (= s_{q-1}) reaches every a_k.
     da = jnp.sum(jnp.where(upper, ds_row, 0.0), axis=1, keepdims=True) + ds_total
 
     d_entering = jnp.exp(total) * d_leaving + _mm(s_exp * dy, Cm, transpose_a=True)
-    ddt = jnp.sum(dX * x, axis=1)
-    return dict(dx=dX * dt[:, None], ddt=ddt, da=da[:, 0], dB=dB, dC=dC), d_entering
+    ddt = jnp.sum(dX * x, axis=1, keepdims=True)
+    return dict(dx=dX * dt, ddt=ddt, da=da, dB=dB, dC=dC), d_entering
 
 
 # ----- kernels ----------------------------------------------------------------------------------------
@@ -267,7 +265,7 @@ def _forward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, init_ref, *refs, plan, n
     masks = _masks(plan.chunk)
 
     def body(rows, chunk, state):
-        chunk_inputs = (x_ref[rows, :].astype(f32), dt_ref[rows], a_ref[rows],
+        chunk_inputs = (x_ref[rows, :].astype(f32), dt_ref[rows, :], a_ref[rows, :],
                         B_ref[rows, :].astype(f32), C_ref[rows, :].astype(f32))
         if emit_states:
             _store_state(outs[0], chunk, state)
@@ -288,12 +286,12 @@ def _backward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, states_ref, dy_ref, d_f
 
     def body(rows, chunk, d_leaving):
         grads, d_entering = _chunk_backward(
-            x_ref[rows, :].astype(f32), dt_ref[rows], a_ref[rows], B_ref[rows, :].astype(f32),
+            x_ref[rows, :].astype(f32), dt_ref[rows, :], a_ref[rows, :], B_ref[rows, :].astype(f32),
             C_ref[rows, :].astype(f32), _load_state(states_ref, chunk), dy_ref[rows, :].astype(f32),
             d_leaving, masks)
         dx_ref[rows, :] = grads["dx"]
-        ddt_ref[rows] = grads["ddt"]
-        da_ref[rows] = grads["da"]
+        ddt_ref[rows, :] = grads["ddt"]
+        da_ref[rows, :] = grads["da"]
         dB_ref[rows, :] = grads["dB"]
         dC_ref[rows, :] = grads["dC"]
         return d_entering
@@ -320,15 +318,14 @@ def _kernel_inputs(x, dt, A, B, C, plan):
     q = plan.chunk
     padded = -(-length // q) * q
     pp, np_ = plan.padded_width(p), plan.padded_width(n)
-    dt32 = dt.astype(f32)
-    a = dt32 * A.astype(f32)
-    inputs = [_pad(x, padded, pp), _pad(dt32, padded), _pad(a, padded), _pad(B, padded, np_),
-              _pad(C, padded, np_)]
+    dt32 = dt.astype(f32)[..., None]  # [b, l, h, 1]: a column per chunk
+    a = dt32 * A.astype(f32)[:, None]
+    inputs = [_pad(x, padded, pp), _pad(dt32, padded), _pad(a, padded), _pad(B, padded, np_), _pad(C, padded, np_)]
     return [plan.to_layout(t) for t in inputs], (padded, pp, np_)
 
 
 def _forward_specs(plan, padded, pp, np_, r):
-    return [plan.seq_spec(padded, pp), plan.time_spec(padded), plan.time_spec(padded),
+    return [plan.seq_spec(padded, pp), plan.seq_spec(padded, 1), plan.seq_spec(padded, 1),
             plan.seq_spec(padded, np_, r), plan.seq_spec(padded, np_, r), plan.state_spec(pp, np_)]
 
 
@@ -373,14 +370,14 @@ def _ssd_bwd(plan, residuals, cotangents):
     states = _run_forward(x, dt, A, B, C, init, plan, emit_states=True)
     inputs, (padded, pp, np_) = _kernel_inputs(x, dt, A, B, C, plan)
     n_chunks = padded // plan.chunk
-    seq, time = plan.seq_spec(padded, pp, reverse=True), plan.time_spec(padded, reverse=True)
+    seq, time = plan.seq_spec(padded, pp, reverse=True), plan.seq_spec(padded, 1, reverse=True)
     group_seq = plan.seq_spec(padded, np_, h // g, reverse=True)
     head_seq_n = plan.seq_spec(padded, np_, reverse=True)
     in_specs = [seq, time, time, group_seq, group_seq, plan.states_spec(n_chunks, pp, np_, reverse=True),
                 seq, plan.state_spec(pp, np_)]
     out_specs = [seq, time, time, head_seq_n, head_seq_n, plan.state_spec(pp, np_)]
-    out_shape = [plan.layout_struct(b, padded, h, pp), plan.layout_struct(b, padded, h),
-                 plan.layout_struct(b, padded, h), plan.layout_struct(b, padded, h, np_),
+    out_shape = [plan.layout_struct(b, padded, h, pp), plan.layout_struct(b, padded, h, 1),
+                 plan.layout_struct(b, padded, h, 1), plan.layout_struct(b, padded, h, np_),
                  plan.layout_struct(b, padded, h, np_), jax.ShapeDtypeStruct((b, h, pp, np_), f32)]
     kernel = functools.partial(_backward_kernel, plan=plan, n_chunks=n_chunks)
     dy_in = plan.to_layout(_pad(dy.astype(f32), padded, pp))
@@ -389,7 +386,7 @@ def _ssd_bwd(plan, residuals, cotangents):
         *inputs, states, dy_in, _pad_state(d_final, pp, np_))
 
     dx = plan.from_layout(dx)[:, :length, :, :p]
-    ddt, da = (plan.from_layout(t)[:, :length] for t in (ddt, da))
+    ddt, da = (plan.from_layout(t)[:, :length, :, 0] for t in (ddt, da))
     dB, dC = (plan.from_layout(t)[:, :length, :, :n].reshape(b, length, g, h // g, n).sum(3)
               for t in (dB_h, dC_h))
     dt32 = dt.astype(f32)

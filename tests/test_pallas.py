@@ -12,6 +12,7 @@ import pytest
 import nemojax
 from nemojax.model import NemotronH
 from nemojax.ops.ssd import ssd_chunked
+from pallas.attention import splash_causal_attention
 from pallas.ssd import ssd
 from tests.test_sharding import results, start_check
 
@@ -115,3 +116,42 @@ def test_unknown_variant_is_rejected():
     args = make_inputs(SHAPES["1_head_per_group"], jnp.float32)
     with pytest.raises(ValueError, match="variant 'cuda' is not one of"):
         ssd(chunk_size=16, variant="cuda", **args)
+
+
+# Lowering for the accelerators without one: Mosaic (TPU v5p, named through an abstract device) and
+# Triton, forward and backward, at Nemotron-H-like tile sizes (head_dim 64, state 128, chunk 128, bf16).
+# This runs JAX's whole kernel lowering (block shapes, tiling rules, every op the kernels use); only the
+# backend's final compile, on the device, is left. (cuDNN attention cannot be lowered without cuDNN.)
+CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+def lowered_text(fn, args, platform: str) -> str:
+    from jax._src.mesh import AbstractDevice  # how JAX itself names a target device for AOT lowering
+
+    def forward_and_backward(args):
+        out, pullback = jax.vjp(fn, args)
+        return out, pullback(jax.tree.map(jnp.ones_like, out))
+
+    device = AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu") if platform == "tpu" else None
+    unchecked = [jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALLS[platform])]
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        exported = jax.export.export(jax.jit(forward_and_backward), platforms=[platform],
+                                     disabled_checks=unchecked)(args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("variant, platform", [("grid", "tpu"), ("loop", "cuda")])
+def test_ssd_kernels_lower_for_tpu_and_gpu(variant, platform):
+    b, l, h, p, g, n, q = 1, 256, 2, 64, 1, 128, 128
+    args = dict(x=jnp.zeros((b, l, h, p), jnp.bfloat16), dt=jnp.ones((b, l, h)), A=-jnp.ones((h,)),
+                B=jnp.zeros((b, l, g, n), jnp.bfloat16), C=jnp.zeros((b, l, g, n), jnp.bfloat16),
+                D=jnp.ones((h,)), initial_state=jnp.zeros((b, h, p, n)))
+    text = lowered_text(lambda a: ssd(chunk_size=q, variant=variant, interpret=False, **a), args, platform)
+    assert text.count(CUSTOM_CALLS[platform]) == 3  # the forward; the states pass and the backward
+
+
+def test_splash_attention_lowers_for_tpu():
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    text = lowered_text(lambda a: splash_causal_attention(*a, interpret=False), (q, kv, kv), "tpu")
+    assert text.count(CUSTOM_CALLS["tpu"]) >= 2  # forward and backward kernels
