@@ -87,17 +87,22 @@ def token_batch():
 
 # ----- long subprocess jobs started early, so they run beside the rest of the suite ----------------
 BACKGROUND: dict = {}
+BACKGROUND_CHECKS = {  # tests/fixtures script -> the test that reads its results
+    "sharded_kernel_check": "tests/test_pallas.py::test_kernels_run_per_shard",
+    "expert_parallel_check": "tests/test_sharding.py::test_expert_parallel_moe",
+}
 _BACKGROUND_DIRS: list[str] = []
 
 
 def pytest_collection_finish(session):
-    """The 8-device runs of test_sharding.py (~1.5 minutes of mostly single-threaded compilation) and
-    test_pallas.py's sharded kernels: start them now, on the CPU core the in-process tests leave idle."""
-    selected = [item.nodeid for item in session.items]
-    if any(nodeid.startswith("tests/test_pallas.py::test_kernels_run_per_shard") for nodeid in selected):
-        from tests.test_sharding import start_check
+    """The 8-device runs (test_sharding.py's meshes, ~1.5 minutes of mostly single-threaded compilation,
+    and the BACKGROUND_CHECKS scripts): start them now, on the CPU core the in-process tests leave idle."""
+    from tests.test_sharding import start_check
 
-        BACKGROUND["kernel_check"] = [start_check("sharded_kernel_check")]
+    selected = [item.nodeid for item in session.items]
+    for script, test in BACKGROUND_CHECKS.items():
+        if any(nodeid.startswith(test) for nodeid in selected):
+            BACKGROUND[script] = [start_check(script)]
     if any(nodeid.startswith("tests/test_sharding.py::test_mesh") for nodeid in selected):
         from tests.test_sharding import start_all
 

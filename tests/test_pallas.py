@@ -14,7 +14,7 @@ from nemojax.model import NemotronH
 from nemojax.ops.ssd import ssd_chunked
 from pallas.attention import splash_causal_attention
 from pallas.ssd import ssd
-from tests.test_sharding import results, start_check
+from tests.test_sharding import check_results
 
 # (batch, length, heads, head_dim, groups, state, chunk): lengths not a multiple of the chunk, n_groups > 1,
 # widths that need padding for Triton's power-of-two tiles.
@@ -99,10 +99,7 @@ def test_kernels_run_per_shard_under_a_mesh():
     """`ssm_impl="pallas"`, `attention_impl="splash"` under data=2, fsdp=2, tensor=2: each kernel sees
     one device's shard of batch (4 -> 1) and heads (4 -> 2), and the model's logits and gradients equal
     the XLA paths' on one device."""
-    from tests import conftest
-
-    proc = conftest.BACKGROUND.pop("kernel_check", [None])[0] or start_check("sharded_kernel_check")
-    result = results(proc)
+    result = check_results("sharded_kernel_check")
     assert result["logits"] < 1e-5 and result["grads"] < 1e-5, result
     # One shard_map per kernel: the SSD scan's x [b, l, h, p] and B [b, l, g, n]; the attention's
     # q [b, l, heads, d] and k [b, l, kv_heads, d] (splash's mask tables come first).

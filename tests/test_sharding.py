@@ -40,6 +40,14 @@ def start_check(name: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def check_results(name: str) -> dict:
+    """The results of tests/fixtures/<name>.py: from its background run if conftest started one."""
+    from tests import conftest
+
+    proc = conftest.BACKGROUND.pop(name, [None])[0] or start_check(name)
+    return results(proc)
+
+
 def results(proc: subprocess.Popen) -> dict:
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
@@ -107,9 +115,15 @@ def test_plan_equals_the_real_arrays(runs, name):
 
 
 def test_expert_parallel_moe_equals_one_device():
-    """Experts split over 4 devices, tokens exchanged by all-to-all: outputs and gradients equal the
-    single-device MoE, with half of the experts receiving no token at all."""
-    result = results(start_check("expert_parallel_check"))
-    assert result["all_to_all"] >= 2  # the exchange really is an all-to-all
+    """Experts split over 4 devices: outputs and gradients equal the single-device MoE, with half of the
+    experts receiving no token at all, through both exchanges: the padded all-to-all (CPU) and the
+    ragged all-to-all (GPU, TPU; its collective emulated here, and lowered for CUDA and TPU)."""
+    result = check_results("expert_parallel_check")
     assert result["tokens_per_expert"].count(0) == 4
-    assert result["output"] < 1e-5 and result["grads"] < 1e-5, result
+    for exchange in ("padded", "ragged"):
+        assert result[exchange]["output"] < 1e-5 and result[exchange]["grads"] < 1e-5, (exchange, result)
+    assert result["padded"]["all_to_all"] >= 2  # the exchange really is an all-to-all
+    assert result["ragged"]["all_to_all"] == 0  # ... and the ragged one is not a padded one
+    for platform in ("cuda", "tpu"):  # two exchanges and the return; their transposes in the gradient
+        assert result["ragged_all_to_all_lowered"][f"{platform} forward"] == 3, result
+        assert result["ragged_all_to_all_lowered"][f"{platform} gradient"] >= 5, result

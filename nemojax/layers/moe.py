@@ -8,6 +8,8 @@ Experts run dropless: assignments are sorted by expert and multiplied with `jax.
 
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,38 +65,41 @@ def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out)
 
 
+RAGGED_EXCHANGE_BACKENDS = ("gpu", "tpu")  # where XLA implements `ragged_all_to_all` (not XLA:CPU)
+
+
 def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
                             up: Float[Array, "e d f"], down: Float[Array, "e f d"], axis: str = "expert",
                             batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")) -> Float[Array, "t d"]:
     """`routed_experts` with the experts split over mesh axis `axis` (inside a mesh context): each
-    device sends every (token, slot) assignment to the device holding its expert with one all-to-all,
-    runs only its own experts on what it receives, and a second all-to-all brings the results back.
+    device sends every (token, slot) assignment to the device holding its expert, runs only its own
+    experts on what it receives, and sends the results back. Dropless either way:
 
-    Dropless without a ragged exchange (XLA:CPU has no `ragged_all_to_all`): every send buffer has room
-    for all of a device's assignments, so no expert can overflow; this costs memory, not exactness.
+    - on GPU and TPU, a ragged all-to-all (`_ragged_exchange`) moves exactly the assignments;
+    - on the CPU (no `ragged_all_to_all` in XLA:CPU), a padded all-to-all (`_padded_exchange`) where every
+      send buffer has room for all of a device's assignments: memory and traffic, not exactness.
+    The receive buffer holds `devices` x the local assignments either way (the worst case: every
+    assignment in the mesh choosing this device's experts).
     """
+    ragged = jax.default_backend() in RAGGED_EXCHANGE_BACKENDS
+
     def local(x, weights, expert_ids, up, down):
         devices, experts_here = jax.lax.axis_size(axis), up.shape[0]
-        assignments = expert_ids.size
         flat_ids = expert_ids.reshape(-1)
         destination = flat_ids // experts_here
-        order = jnp.argsort(destination, stable=True)
-        sorted_dest = destination[order]
+        order = jnp.argsort(destination, stable=True)  # assignments grouped by destination device
         counts = jnp.bincount(destination, length=devices)
-        slot = jnp.arange(assignments) - (jnp.cumsum(counts) - counts)[sorted_dest]
         token_of = order // expert_ids.shape[1]
-        send_x = jnp.zeros((devices, assignments, x.shape[1]), x.dtype).at[sorted_dest, slot].set(x[token_of])
-        send_e = jnp.full((devices, assignments), experts_here, jnp.int32).at[sorted_dest, slot].set(
-            flat_ids[order] - sorted_dest * experts_here)  # the expert's index on its device; empty slots: none
-        recv_x = jax.lax.all_to_all(send_x, axis, 0, 0).reshape(-1, x.shape[1])
-        recv_e = jax.lax.all_to_all(send_e, axis, 0, 0).reshape(-1)
+        exchange = (_ragged_exchange if ragged else _padded_exchange)(axis, devices, counts, destination[order])
+        recv_x = exchange.there(x[token_of], 0)
+        # the expert's index on its device; rows nobody filled read `experts_here`: no expert
+        recv_e = exchange.there(flat_ids[order] - destination[order] * experts_here, experts_here)
         by_expert = jnp.argsort(recv_e, stable=True)
         group_sizes = jnp.bincount(recv_e, length=experts_here + 1)[:experts_here].astype(jnp.int32)
         hidden = relu2(jax.lax.ragged_dot(recv_x[by_expert], up, group_sizes))
         out = jax.lax.ragged_dot(hidden, down, group_sizes)
         out = jnp.where((recv_e[by_expert] < experts_here)[:, None], out, 0)  # rows past the groups
-        results = jnp.zeros_like(out).at[by_expert].set(out).reshape(devices, assignments, -1)
-        back = jax.lax.all_to_all(results, axis, 0, 0)[sorted_dest, slot]
+        back = exchange.back(jnp.zeros_like(out).at[by_expert].set(out))
         combined = back.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
         return jnp.zeros((x.shape[0], x.shape[1]), jnp.float32).at[token_of].add(combined)
 
@@ -104,6 +109,53 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
     tokens, experts = P(batch_axes), P(axis)
     return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts), out_specs=tokens)(
         x, weights, expert_ids, up, down)
+
+
+class _Exchange(NamedTuple):
+    """`there`: this device's rows, sorted by destination, to a [devices x rows] receive buffer (unused
+    rows hold `fill`); `back`: rows of that buffer to where they came from, in the sorted order."""
+
+    there: Callable[[jax.Array, Any], jax.Array]
+    back: Callable[[jax.Array], jax.Array]
+
+
+def _padded_exchange(axis: str, devices: int, counts: jax.Array, sorted_dest: jax.Array) -> _Exchange:
+    """A block of `rows` slots per destination, filled from the front; two dense all-to-alls."""
+    rows = sorted_dest.shape[0]
+    slot = jnp.arange(rows) - (jnp.cumsum(counts) - counts)[sorted_dest]
+
+    def there(values, fill):
+        blocks = jnp.full((devices, rows, *values.shape[1:]), fill, values.dtype).at[sorted_dest, slot].set(values)
+        return jax.lax.all_to_all(blocks, axis, 0, 0).reshape(devices * rows, *values.shape[1:])
+
+    def back(values):
+        return jax.lax.all_to_all(values.reshape(devices, rows, *values.shape[1:]), axis, 0, 0)[sorted_dest, slot]
+
+    return _Exchange(there, back)
+
+
+def _ragged_exchange(axis: str, devices: int, counts: jax.Array, sorted_dest: jax.Array) -> _Exchange:
+    """Exactly the assignments move. `sent[s, j]`: assignments device s sends to device j (all-gathered);
+    device j receives from s at offset sum_{s' < s} sent[s', j], and each sender says where its rows go."""
+    rows = sorted_dest.shape[0]
+    me = jax.lax.axis_index(axis)
+    sent = jax.lax.all_gather(counts, axis).astype(jnp.int32)  # [source, destination]
+    before = jnp.cumsum(sent, axis=0) - sent  # rows that earlier sources put in each destination
+    my_starts = jnp.cumsum(sent[me]) - sent[me]  # where each destination's rows start in my sorted rows
+    received = sent[:, me]  # from each source
+    received_starts = before[:, me]  # where each source's rows start in my receive buffer
+    origin_starts = (jnp.cumsum(sent, axis=1) - sent)[:, me]  # where those rows sat in each source's rows
+
+    def there(values, fill):
+        out = jnp.full((devices * rows, *values.shape[1:]), fill, values.dtype)
+        return jax.lax.ragged_all_to_all(values, out, my_starts, sent[me], before[me], received, axis_name=axis)
+
+    def back(values):
+        out = jnp.zeros((rows, *values.shape[1:]), values.dtype)
+        return jax.lax.ragged_all_to_all(values, out, received_starts, received, origin_starts, sent[me],
+                                         axis_name=axis)
+
+    return _Exchange(there, back)
 
 
 def _expert_axis_size() -> int:
