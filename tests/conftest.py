@@ -95,14 +95,21 @@ _BACKGROUND_DIRS: list[str] = []
 
 
 def pytest_collection_finish(session):
-    """The 8-device runs (test_sharding.py's meshes, ~1.5 minutes of mostly single-threaded compilation,
-    and the BACKGROUND_CHECKS scripts): start them now, on the CPU core the in-process tests leave idle."""
+    """Subprocess jobs: the 8-device runs (test_sharding.py's meshes, ~1.5 minutes of mostly
+    single-threaded compilation, and the BACKGROUND_CHECKS scripts) and the README's training run: start
+    them now, on the CPU core the in-process tests leave idle."""
     from tests.test_sharding import start_check
 
     selected = [item.nodeid for item in session.items]
     for script, test in BACKGROUND_CHECKS.items():
         if any(nodeid.startswith(test) for nodeid in selected):
             BACKGROUND[script] = [start_check(script)]
+    if "tests/test_train.py::test_readme_default_run_halves_its_loss" in selected:
+        from tests.test_train import start_readme_run
+
+        root = tempfile.mkdtemp(prefix="nemojax-readme-")
+        _BACKGROUND_DIRS.append(root)
+        BACKGROUND["readme_run"] = [start_readme_run(root)]
     if any(nodeid.startswith("tests/test_sharding.py::test_mesh") for nodeid in selected):
         from tests.test_sharding import start_all
 
