@@ -38,6 +38,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer.json, or `bytes
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass when scoring")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "scoring window (default: max_position_embeddings)")
 _DTYPE = flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
+_SSM_IMPL = flags.DEFINE_string("ssm_impl", "xla", "the chunked SSD scan: xla, or pallas (the fused kernels)")
+_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "xla", "attention: xla, cudnn (GPU) or splash (TPU)")
 _RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
 _RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
 _OUTPUT = flags.DEFINE_string("output", "eval_results.json", "where the results are written as JSON")
@@ -54,6 +56,7 @@ def run_tasks() -> dict:
     if unknown:
         raise evaluation.EvalError(f"--tasks: unknown task(s) {unknown}; expected some of {', '.join(TASKS)}")
     runtime = {"param_dtype": _DTYPE.value, "dtype": _DTYPE.value} if _DTYPE.value else {}
+    runtime.update(ssm_impl=_SSM_IMPL.value, attention_impl=_ATTENTION_IMPL.value)
     cfg, params, training = load_model(_CHECKPOINT.value, **runtime)
     needs_text = {"perplexity", "choice", "generate"} & set(_TASKS.value)
     tokenizer = for_checkpoint(_CHECKPOINT.value, _TOKENIZER.value, training) if needs_text else None
