@@ -92,7 +92,10 @@ def _chunked_inputs(x, dt, A, B, C, q):
     g = B.shape[2]
     xc, dtc = _chunk_heads(x, q, g), _chunk_heads(dt, q, g)
     Bc, Cc = _chunk_groups(B, q), _chunk_groups(C, q)
-    s = jnp.cumsum(dtc * A.astype(f32).reshape(g, -1)[:, :, None], axis=-1)  # [b c g r q]
+    # The in-chunk cumsum as a product with a triangular matrix: a materialised result, where XLA:CPU
+    # would otherwise fuse its blocked cumsum into every (Q x Q) consumer and stop vectorising them.
+    upper = jnp.triu(jnp.ones((q, q), f32))
+    s = jnp.einsum("bcgrj,ji->bcgri", dtc * A.astype(f32).reshape(g, -1)[:, :, None], upper)  # [b c g r q]
     return xc, dtc, Bc, Cc, s
 
 
@@ -102,14 +105,15 @@ def _ssd_forward(x, dt, A, B, C, D, init, q):
     xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
     X = xc * dtc[..., None]
     scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
-    y = jnp.einsum("bcgrij,bcgrjp->bcgrip", scores[:, :, :, None] * _decay(s), X)  # within chunks
+    M = scores[:, :, :, None] * _decay(s)
+    y = jnp.einsum("bcgrij,bcgrjp->bcgrip", M, X)  # within chunks
     s_end = s[..., -1]
     states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bc, X * jnp.exp(s_end[..., None] - s)[..., None])
     ends = _linear_scan(jnp.exp(s_end), states, init.astype(f32).reshape(b, g, h // g, p, n))
     entering = jnp.concatenate([init.astype(f32).reshape(b, 1, g, h // g, p, n), ends[:, :-1]], axis=1)
     y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering) * jnp.exp(s)[..., None]  # from earlier chunks
-    y = _unchunk_heads(y, length) + D.astype(f32)[:, None] * x.astype(f32)
-    return y, ends[:, -1].reshape(b, h, p, n), entering
+    y_skip = _unchunk_heads(y, length) + D.astype(f32)[:, None] * x.astype(f32)
+    return y_skip, ends[:, -1].reshape(b, h, p, n), (entering, y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -119,12 +123,12 @@ def _ssd(x, dt, A, B, C, D, init, chunk_size):
 
 
 def _ssd_fwd(x, dt, A, B, C, D, init, chunk_size):
-    y, final, entering = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
-    return (y, final), (x, dt, A, B, C, D, init, entering)
+    y, final, saved = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
+    return (y, final), (x, dt, A, B, C, D, init, saved)
 
 
 def _ssd_bwd(q, res, cotangents):
-    x, dt, A, B, C, D, init, entering = res
+    x, dt, A, B, C, D, init, (entering, yc) = res
     dy, d_final = cotangents
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
@@ -132,27 +136,25 @@ def _ssd_bwd(q, res, cotangents):
     xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
     dyc = _chunk_heads(dy, q, g)
     X = xc * dtc[..., None]
-    decay = _decay(s)
-    scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
-    M = scores[:, :, :, None] * decay
     s_exp = jnp.exp(s)
     s_end = s[..., -1]
     to_end = jnp.exp(s_end[..., None] - s)
 
-    # Within chunks: y_i = sum_j M_ij X_j with M = (C B^T) * decay.
+    decay = _decay(s)
+    M = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)[:, :, :, None] * decay
+    # Within chunks: y_i = sum_j M_ij X_j with M = (C B^T) * decay, decay_ij = exp(s_i - s_j).
     dX = jnp.einsum("bcgrij,bcgrip->bcgrjp", M, dyc)
     dM = jnp.einsum("bcgrip,bcgrjp->bcgrij", dyc, X)
-    dMM = dM * M  # d decay_ij * decay_ij: enters s_i with +, s_j with -
-    ones = jnp.ones((q,), f32)  # row and column sums as matrix-vector products (XLA:CPU reduces these slowly)
-    ds = jnp.einsum("bcgrij,j->bcgri", dMM, ones) - jnp.einsum("bcgrij,i->bcgrj", dMM, ones)
     d_scores = sum(dM[:, :, :, k] * decay[:, :, :, k] for k in range(r))  # over the heads sharing B and C
+    # d(decay_ij) decay_ij = dM_ij M_ij enters s_i with + and s_j with -. Its row sums are
+    # <dy_i, (M X)_i> and its column sums <X_j, dX_j>: no (Q x Q) pass. The read-out term below,
+    # exp(s_i) C_i . E_c, adds <dy_i, its value> to ds_i too, so one product with the chunked y covers both.
+    ds = sum_last(dyc * yc) - sum_last(X * dX)
     dC = jnp.einsum("bcgij,bcgjn->bcgin", d_scores, Bc)
     dB = jnp.einsum("bcgij,bcgin->bcgjn", d_scores, Cc)
 
     # Read-out of the entering state: y_i += exp(s_i) C_i . E_c.
     d_readout = dyc * s_exp[..., None]
-    readout = jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering)
-    ds = ds + sum_last(d_readout * readout)
     dC = dC + jnp.einsum("bcgrip,bcgrpn->bcgin", d_readout, entering)
     d_entering = jnp.einsum("bcgrip,bcgin->bcgrpn", d_readout, Cc)
 

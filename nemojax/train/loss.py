@@ -44,7 +44,9 @@ def lm_head_loss(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], token
     b, length, d = hidden.shape
     targets, weights = _targets_and_weights(tokens, mask)
     weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
-    tokens_per_chunk = max(1, min(b * (length - 1), chunk_logits // head.shape[1]))
+    n_tokens = b * (length - 1)
+    n_chunks = -(-n_tokens // max(1, min(n_tokens, chunk_logits // head.shape[1])))
+    tokens_per_chunk = -(-n_tokens // n_chunks)  # equal chunks: at most n_chunks - 1 padded tokens
     return _fused_loss(tokens_per_chunk)(hidden[:, :-1].reshape(-1, d), head, targets.reshape(-1),
                                          weights.reshape(-1))
 
@@ -65,13 +67,21 @@ def _chunk_nll(h, head, targets, weights):
     return jnp.sum(weights * (lse - target_logit)), dlogits
 
 
+def _chunk_grads(h, head, targets, weights):
+    """One chunk's summed NLL and its gradients with respect to the chunk's hidden states and the head."""
+    nll, dlogits = _chunk_nll(h, head, targets, weights)
+    dh = jnp.einsum("tv,dv->td", dlogits.astype(h.dtype), head, preferred_element_type=f32)
+    return nll, dh, jnp.einsum("dt,tv->dv", h.T.astype(f32), dlogits)
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_loss(tokens_per_chunk: int):
     """sum_t weights_t * nll_t over flat tokens, chunk by chunk.
 
     Under differentiation the forward also computes the gradients (the loss is a scalar, so the
     backward only scales them): three [tokens, d] x [d, vocab] matmuls per step instead of the four a
-    recomputing backward needs. The chunks run through `lax.scan`, so only one chunk's logits live.
+    recomputing backward needs. The chunks run through `lax.scan`, so only one chunk's logits live;
+    the first chunk runs before the scan and starts the head-gradient sum (no zero-filled [d, vocab]).
     """
 
     def loss_only(h, head, targets, weights):
@@ -89,16 +99,13 @@ def _fused_loss(tokens_per_chunk: int):
         head_c = head.astype(h.dtype)
 
         def step(carry, chunk):
-            total, dhead = carry
-            h_c, targets_c, weights_c = chunk
-            nll, dlogits = _chunk_nll(h_c, head_c, targets_c, weights_c)
-            dh = jnp.einsum("tv,dv->td", dlogits.astype(h.dtype), head_c, preferred_element_type=f32)
-            dhead = dhead + jnp.einsum("dt,tv->dv", h_c.T.astype(f32), dlogits)
-            return (total + nll, dhead), dh
+            nll, dh, dhead = _chunk_grads(chunk[0], head_c, *chunk[1:])
+            return (carry[0] + nll, carry[1] + dhead), dh
 
         chunks = tuple(_chunked(t, tokens_per_chunk) for t in (h, targets, weights))
-        (loss, dhead), dh = jax.lax.scan(step, (jnp.zeros((), f32), jnp.zeros(head.shape, f32)), chunks)
-        dh = dh.reshape(-1, h.shape[1])[:h.shape[0]]
+        loss, dh_first, dhead = _chunk_grads(chunks[0][0], head_c, *(t[0] for t in chunks[1:]))
+        (loss, dhead), dh_rest = jax.lax.scan(step, (loss, dhead), tuple(t[1:] for t in chunks))
+        dh = jnp.concatenate([dh_first[None], dh_rest]).reshape(-1, h.shape[1])[:h.shape[0]]
         return loss, (dh.astype(h.dtype), dhead.astype(head.dtype))
 
     def bwd(grads, g):
