@@ -142,4 +142,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from nemojax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     app.run(main)

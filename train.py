@@ -49,4 +49,7 @@ def _multi_process_environment() -> bool:
 
 
 if __name__ == "__main__":
+    from nemojax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # before JAX starts: XLA:CPU's per-step scratch on huge pages
     app.run(main)

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import nemojax  # noqa: E402
 from benchmarks.common import median_seconds  # noqa: E402
 from nemojax.generate import Sampling, decode_tokens  # noqa: E402
+from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
 
 from configs import small  # noqa: E402
 
@@ -145,4 +146,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py does (nemojax/hostmem.py)
     main()

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import nemojax  # noqa: E402
 from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E402
 from nemojax.flops import forward_flops  # noqa: E402
+from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
 from nemojax.train.loss import model_loss  # noqa: E402
 
 from configs import small  # noqa: E402
@@ -54,7 +55,7 @@ def main() -> None:
     ceiling_before = matmul_flops_per_second()
     print(f"small hybrid: {n_params / 1e6:.1f}M parameters, {args.tokens} tokens, "
           f"{flops / 1e9:.1f} GFLOP forward; {jax.device_count()} {jax.devices()[0].platform} device(s), "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
 
     model = nemojax.NemotronH(cfg)
     ids = jnp.asarray(ids_np)
@@ -94,4 +95,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py does (nemojax/hostmem.py)
     main()

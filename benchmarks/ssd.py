@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import median_seconds  # noqa: E402
+from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
 from nemojax.ops.ssd import ssd_chunked  # noqa: E402
 from pallas.ssd import ssd as ssd_pallas  # noqa: E402
 
@@ -88,4 +89,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py does (nemojax/hostmem.py)
     main()

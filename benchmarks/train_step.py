@@ -24,6 +24,7 @@ from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E
 from configs import small  # noqa: E402
 from nemojax.config import ModelConfig  # noqa: E402
 from nemojax.flops import train_flops  # noqa: E402
+from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
 from nemojax.model import NemotronH  # noqa: E402
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from nemojax.train.step import TrainState, train_step  # noqa: E402
@@ -58,11 +59,12 @@ def main() -> None:
     flops = train_flops(cfg, args.batch, args.seq_len)
     print(f"small hybrid train step: {sum(p.size for p in jax.tree.leaves(params)) / 1e6:.1f}M parameters, "
           f"{args.batch} x {args.seq_len} tokens, {flops / 1e9:.0f} GFLOP; {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s)")
+          f"{jax.devices()[0].platform} device(s), GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"matmul ceiling (jitted 2048^3 fp32, best of before/after): {ceiling / 1e9:.1f} GFLOP/s")
     print(f"step: median {seconds:.3f} s of {args.repeats}, {flops / seconds / 1e9:.1f} GFLOP/s = "
           f"{flops / seconds / ceiling:.0%} of the ceiling, {args.batch * args.seq_len / seconds:.0f} tokens/s")
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as train.py does (nemojax/hostmem.py)
     main()
