@@ -104,9 +104,11 @@ class Mamba2Mixer(nn.Module):
         A_log = param(self, "A_log", _a_log_init, (h,), ("ssm_heads",), pdt)
         D = param(self, "D", jax.nn.initializers.ones, (h,), ("ssm_heads",), pdt)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
-        # HF clamps dt to (time_step_min, inf), whatever config.time_step_limit says. (Its decoding step
-        # does not clamp; we do, so that decoding equals the full-sequence forward.)
-        dt = jnp.maximum(dt, cfg.time_step_min)
+        # dt is clamped to time_step_limit, as in mamba_ssm and transformers >= 5.15 (earlier versions clamped
+        # below at time_step_min, which only sets the dt_bias init). transformers' decoding step does not
+        # clamp; ours does, so that decoding equals the full-sequence forward. The released limit, (0, inf),
+        # leaves softplus's output unchanged.
+        dt = jnp.clip(dt, *cfg.time_step_limit)
         A = -jnp.exp(A_log.astype(jnp.float32))
 
         if decoding is None:

@@ -33,7 +33,7 @@ from nemojax.train.step import TrainState, eval_step, train_step
 # config.json fields that do not change a model's parameters or outputs (allowed to differ on init_from).
 _HARMLESS_FIELDS = {"architectures", "dtype", "max_position_embeddings", "bos_token_id", "eos_token_id",
                     "pad_token_id", "initializer_range", "rescale_prenorm_residual", "chunk_size",
-                    "mamba_ssm_cache_dtype", "time_step_max", "time_step_floor", "time_step_limit"}
+                    "mamba_ssm_cache_dtype", "time_step_min", "time_step_max", "time_step_floor"}
 
 
 def mirror_shardings(tree: Any, abstract_params: Any, default: Any) -> Any:
