@@ -13,11 +13,14 @@ from nemojax.hostmem import TUNABLE, huge_pages_need_advice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-REEXEC = """
-import os
+# The module alone, by path: the package would import JAX on each of the two starts.
+REEXEC = f"""
+import importlib.util, os
 print("run", os.environ.get("GLIBC_TUNABLES", ""), flush=True)
-from nemojax.hostmem import reexec_with_huge_pages
-reexec_with_huge_pages()
+spec = importlib.util.spec_from_file_location("hostmem", {os.path.join(REPO, "nemojax", "hostmem.py")!r})
+hostmem = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hostmem)
+hostmem.reexec_with_huge_pages()
 print("main", os.environ.get("GLIBC_TUNABLES", ""))
 """
 
