@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
-import jax
+# The in-process tests compile hundreds of small programs and run each once or twice: LLVM's optimisation
+# passes cost more than they save there (their CPU time halves at level 0). XLA_FLAGS is read when JAX
+# starts its backend, so this comes before anything uses JAX. Subprocesses inherit it, except training
+# runs (test_train.subprocess_env), which spend their time stepping and keep the user's flags.
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = f"{USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

@@ -25,8 +25,7 @@ GROUPS = (["data8", "data2_fsdp2_expert2"], ["fsdp4_tensor2", "fsdp2_tensor2_exp
 
 
 def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.Popen:
-    env = subprocess_env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = subprocess_env(devices=devices)
     script = os.path.join(REPO, "tests", "fixtures", "mesh_runs.py")
     return subprocess.Popen([sys.executable, script, str(workdir), *(f"{k}:{v}" for k, v in runs.items())],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -34,8 +33,7 @@ def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.P
 
 def start_check(name: str) -> subprocess.Popen:
     """tests/fixtures/<name>.py on 8 simulated devices, in the background; `results` collects it."""
-    env = subprocess_env()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env = subprocess_env(devices=8)
     return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", f"{name}.py")], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

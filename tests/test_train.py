@@ -51,17 +51,21 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def train_cli(workdir, *flags, config=MICRO, compilation_cache=True, devices=1, output=subprocess.PIPE):
+def train_cli(workdir, *flags, config=MICRO, env=None, output=subprocess.PIPE):
     cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}", *flags]
-    env = subprocess_env(compilation_cache)
-    if devices > 1:  # simulated CPU devices; the flag must be set before JAX starts
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
+                            env=env or subprocess_env())
 
 
-def subprocess_env(compilation_cache=True):
-    """The runs of one test compile the same step: a persistent compilation cache shares the work."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def subprocess_env(compilation_cache=True, devices=1):
+    """For training runs: the user's XLA flags (running steps, they gain from the optimisation the
+    in-process tests turn off), `devices` simulated CPU devices (set before JAX starts), and a persistent
+    compilation cache, through which the runs of one test share their compiled steps."""
+    from tests.conftest import USER_XLA_FLAGS
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=USER_XLA_FLAGS)
+    if devices > 1:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     if compilation_cache:
         env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "nemojax-tests-jax-cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -382,8 +386,8 @@ def start_readme_run(root: str) -> subprocess.Popen:
     collection, beside the rest of the suite)."""
     workdir = os.path.join(root, "tiny")
     with open(os.path.join(root, "console.txt"), "w") as console:
-        proc = train_cli(workdir, config=os.path.join(REPO, "configs", "tiny.py"), compilation_cache=False,
-                         output=console)
+        proc = train_cli(workdir, config=os.path.join(REPO, "configs", "tiny.py"),
+                         env=subprocess_env(compilation_cache=False), output=console)
     proc.workdir = workdir
     return proc
 
