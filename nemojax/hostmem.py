@@ -33,16 +33,25 @@ def huge_pages_need_advice() -> bool:
         return False
 
 
+def with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
+    """`environ` with glibc asked to advise huge pages, or None where that would change nothing (already
+    set either way, or no need). Launchers of many processes can set it up front and skip each re-exec."""
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in tunables or not huge_pages_need_advice():
+        return None
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
+
+
 def reexec_with_huge_pages() -> None:
     """Restart this interpreter, with the same command line, with glibc advising huge pages.
 
     Call it first thing in a command line's `__main__` (before JAX starts): it returns at once when
     the tunable is already set, or where it would change nothing.
     """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if TUNABLE in tunables or not huge_pages_need_advice():
+    environ = with_huge_pages(dict(os.environ))
+    if environ is None:
         return
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    os.environ["GLIBC_TUNABLES"] = environ["GLIBC_TUNABLES"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)

@@ -61,9 +61,11 @@ def subprocess_env(compilation_cache=True, devices=1):
     """For training runs: the user's XLA flags (running steps, they gain from the optimisation the
     in-process tests turn off), `devices` simulated CPU devices (set before JAX starts), and a persistent
     compilation cache, through which the runs of one test share their compiled steps."""
+    from nemojax.hostmem import with_huge_pages
     from tests.conftest import USER_XLA_FLAGS
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=USER_XLA_FLAGS)
+    env = with_huge_pages(env) or env  # what train.py would re-execute itself to get, without the second start
     if devices > 1:
         env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     if compilation_cache:

@@ -3,7 +3,8 @@
 Routing (Nemotron 3): fp32 sigmoid scores; a correction bias (aux-loss-free balancing, updated outside
 the optimizer) changes only *which* experts are chosen; group-limited top-k; the combine weights are
 the unbiased scores of the chosen experts, optionally normalised, times `routed_scaling_factor`.
-Experts run dropless: assignments are sorted by expert and multiplied with `jax.lax.ragged_dot`.
+Experts run dropless: assignments are sorted by expert and multiplied group by group
+(`ops/grouped_matmul.py`: `jax.lax.ragged_dot` on GPU and TPU, a blocked loop on the CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jaxtyping import Array, Float, Int
 from nemojax.config import ModelConfig
 from nemojax.layers.common import dense, normal, param
 from nemojax.layers.mlp import MLP, relu2
+from nemojax.ops.grouped_matmul import grouped_matmul
 
 
 def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
@@ -59,8 +61,8 @@ def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_
     order = jnp.argsort(flat_ids, stable=True)
     token_of = order // top_k
     group_sizes = jnp.bincount(flat_ids, length=up.shape[0]).astype(jnp.int32)
-    hidden = relu2(jax.lax.ragged_dot(x[token_of], up, group_sizes))
-    out = jax.lax.ragged_dot(hidden, down, group_sizes)
+    hidden = relu2(grouped_matmul(x[token_of], up, group_sizes))
+    out = grouped_matmul(hidden, down, group_sizes)
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out)
 
@@ -96,8 +98,8 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
         recv_e = exchange.there(flat_ids[order] - destination[order] * experts_here, experts_here)
         by_expert = jnp.argsort(recv_e, stable=True)
         group_sizes = jnp.bincount(recv_e, length=experts_here + 1)[:experts_here].astype(jnp.int32)
-        hidden = relu2(jax.lax.ragged_dot(recv_x[by_expert], up, group_sizes))
-        out = jax.lax.ragged_dot(hidden, down, group_sizes)
+        hidden = relu2(grouped_matmul(recv_x[by_expert], up, group_sizes))
+        out = grouped_matmul(hidden, down, group_sizes)
         out = jnp.where((recv_e[by_expert] < experts_here)[:, None], out, 0)  # rows past the groups
         back = exchange.back(jnp.zeros_like(out).at[by_expert].set(out))
         combined = back.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
