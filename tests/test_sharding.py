@@ -32,8 +32,9 @@ def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.P
 
 
 def start_check(name: str) -> subprocess.Popen:
-    """tests/fixtures/<name>.py on 8 simulated devices, in the background; `results` collects it."""
-    env = subprocess_env(devices=8)
+    """tests/fixtures/<name>.py on 8 simulated devices, in the background; `results` collects it. Each
+    check compiles its programs and runs them once: it keeps the suite's unoptimised compilation."""
+    env = subprocess_env(devices=8, training=False)
     return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", f"{name}.py")], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -57,14 +57,16 @@ def train_cli(workdir, *flags, config=MICRO, env=None, output=subprocess.PIPE):
                             env=env or subprocess_env())
 
 
-def subprocess_env(compilation_cache=True, devices=1):
-    """For training runs: the user's XLA flags (running steps, they gain from the optimisation the
-    in-process tests turn off), `devices` simulated CPU devices (set before JAX starts), and a persistent
-    compilation cache, through which the runs of one test share their compiled steps."""
+def subprocess_env(compilation_cache=True, devices=1, training=True):
+    """For subprocess jobs: `devices` simulated CPU devices (set before JAX starts), a persistent
+    compilation cache through which the runs of one test share their compiled steps, and for training
+    runs, which spend their time stepping, the user's XLA flags instead of the suite's level 0."""
     from nemojax.hostmem import with_huge_pages
     from tests.conftest import USER_XLA_FLAGS
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=USER_XLA_FLAGS)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if training:
+        env["XLA_FLAGS"] = USER_XLA_FLAGS
     env = with_huge_pages(env) or env  # what train.py would re-execute itself to get, without the second start
     if devices > 1:
         env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
