@@ -38,8 +38,10 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer.json, or `bytes
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass when scoring")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "scoring window (default: max_position_embeddings)")
 _DTYPE = flags.DEFINE_string("dtype", None, "parameter and compute dtype (default: the checkpoint's)")
-_SSM_IMPL = flags.DEFINE_string("ssm_impl", "xla", "the chunked SSD scan: xla, or pallas (the fused kernels)")
-_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "xla", "attention: xla, cudnn (GPU) or splash (TPU)")
+_SSM_IMPL = flags.DEFINE_string("ssm_impl", "auto", "the chunked SSD scan: xla, pallas (the fused kernels), or "
+                                 "auto (pallas on GPU/TPU, xla on the CPU)")
+_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "attention: xla, cudnn (GPU), splash (TPU), or auto "
+                                      "(the backend's kernel, xla on the CPU)")
 _RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
 _RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
 _OUTPUT = flags.DEFINE_string("output", "eval_results.json", "where the results are written as JSON")

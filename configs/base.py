@@ -44,8 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # stored parameters and optimizer state
     c.dtype = "bfloat16"  # matmul inputs
     c.remat = "full"  # none | full | dots (save matmul outputs, recompute the rest); full fits big models
-    c.ssm_impl = "xla"  # xla | pallas (fused SSD kernels; interpreted, so slow, on the CPU)
-    c.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (TPU flash attention)
+    # auto: the fused kernels on accelerators (GPU: pallas SSD + cudnn; TPU: pallas SSD + splash), XLA on the
+    # CPU (nemojax.config.AUTO_IMPLS). Explicit: xla | pallas (interpreted, so slow, on the CPU) for the SSD,
+    # xla | cudnn (GPU flash attention) | splash (TPU flash attention) for attention.
+    c.ssm_impl = "auto"
+    c.attention_impl = "auto"
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,

@@ -35,8 +35,11 @@ LEGACY_NAMES = {
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "ssm_impl", "attention_impl")  # not part of config.json
-SSM_IMPLS = ("xla", "pallas")  # the chunked SSD scan: nemojax/ops/ssd.py or pallas/ssd.py
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
+SSM_IMPLS = ("auto", "xla", "pallas")  # the chunked SSD scan: nemojax/ops/ssd.py or pallas/ssd.py
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
+# What "auto" resolves to on each backend, (ssm_impl, attention_impl): the fused kernels on accelerators;
+# XLA on the CPU, where Pallas kernels only run interpreted and cuDNN / splash do not exist.
+AUTO_IMPLS = {"gpu": ("pallas", "cudnn"), "tpu": ("pallas", "splash"), "cpu": ("xla", "xla")}
 
 
 class ConfigError(ValueError):
@@ -115,8 +118,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # rematerialise each block in the backward: none | full | dots (keep matmul outputs)
-    ssm_impl: str = "xla"  # "pallas": the fused SSD kernels (interpreted on the CPU)
-    attention_impl: str = "xla"  # "cudnn" on GPUs, "splash" on TPUs
+    ssm_impl: str = "auto"  # "pallas": the fused SSD kernels (interpreted on the CPU); auto: AUTO_IMPLS
+    attention_impl: str = "auto"  # "cudnn" on GPUs, "splash" on TPUs; auto: AUTO_IMPLS
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,6 +146,16 @@ class ModelConfig:
     def moe_input_size(self) -> int:
         """Width the routed experts work in: the latent size for LatentMoE, else hidden."""
         return self.moe_latent_size or self.hidden_size
+
+    def kernel_impls(self, backend: str | None = None) -> tuple[str, str]:
+        """(ssm_impl, attention_impl) with "auto" resolved for `backend` (default: the trace's target)."""
+        if backend is None:
+            from nemojax.ops.platform import target_backend
+
+            backend = target_backend()
+        auto = AUTO_IMPLS.get(backend, AUTO_IMPLS["cpu"])
+        return (auto[0] if self.ssm_impl == "auto" else self.ssm_impl,
+                auto[1] if self.attention_impl == "auto" else self.attention_impl)
 
     # ----- validation ----------------------------------------------------------------------------
     def validate(self) -> None:

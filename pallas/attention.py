@@ -10,6 +10,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jaxtyping import Array, Float
 
+from nemojax.ops.platform import target_backend
+
 SPLASH_BLOCK = 128  # splash's default tile; sequences are padded to a multiple of it
 
 
@@ -25,7 +27,7 @@ def splash_causal_attention(q: Float[Array, "b l h d"], k: Float[Array, "b l g d
     query heads of its group. Padded keys come after every real query, so the causal mask hides them."""
     b, length, h, d = q.shape
     g = k.shape[2]
-    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    interpret = target_backend() != "tpu" if interpret is None else interpret
     padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
     pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(t, pad) for t in (q * jnp.asarray(d ** -0.5, q.dtype), k, v))

@@ -1,33 +1,28 @@
 """Fused Mamba-2 SSD scan (Pallas): the kernel twin of `nemojax.ops.ssd.ssd_chunked`.
 
-One program owns one (batch, head) pair and walks its chunks in order, keeping the running
-[head_dim, state] state on chip: per chunk it fuses the intra-chunk (Q x Q) product, the read-out of
-the entering state and the state update, so only x, dt, B, C go in and y goes out. The backward walks
-the chunks in reverse with the state's cotangent on chip; the entering states it needs are recomputed
-by a states-only pass of the forward kernel, never stored by the forward.
-
-Two drivers share the per-chunk math (`_chunk_forward`, `_chunk_backward`):
-- "grid" (TPU, Mosaic): the chunk is the last, sequential grid axis; the state lives in VMEM scratch;
-  inputs are made head-major so each block is a (chunk, width) tile.
-- "loop" (GPU, Triton): a grid of (batch, head) programs, each looping over its chunks with the state
-  as a loop carry (Triton has no scratch that outlives a program); arrays keep their natural layout and
-  head_dim / state are padded to powers of two (>= 16), which Triton's loads and dots need.
-On the CPU both run with `interpret=True`, which is how the tests check them against the XLA scan.
-All accumulation is fp32; x, B, C may be bf16.
+Two drivers, one per accelerator family, chosen from the backend:
+- "chunked" (GPU, Triton: `pallas/ssd_chunked.py`): chunk-parallel kernels, parallel over (batch, chunk,
+  head) with a small sequential pass over chunk states, bf16 dot operands, fp32 accumulation.
+- "grid" (TPU, Mosaic: `pallas/ssd_grid.py`): one grid step per (batch, head, chunk), chunks sequential,
+  the running state in VMEM.
+On the CPU both run with `interpret=True` ("grid" unless asked), which is how the tests check them against
+the XLA scan. `tile_plan` is the one place a call's tile sizes are decided; each plan's `on_chip()` is
+what `pallas/budget.py` checks against the devices we claim.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from nemojax.ops.platform import target_backend
+from pallas import budget
+from pallas.ssd_chunked import make_plan, ssd_chunked_kernels
+from pallas.ssd_grid import GridPlan, ssd_grid_kernels
+
 f32 = jnp.float32
-VARIANTS = ("grid", "loop")
+VARIANTS = ("grid", "chunked")
+DEFAULT_VARIANTS = {"gpu": "chunked", "tpu": "grid", "cpu": "grid"}  # by target backend
 
 
 def ssd(
@@ -44,356 +39,30 @@ def ssd(
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
     """Same contract as `ssd_chunked`: (y in fp32, final state). `variant` and `interpret` default from
-    the backend: "grid" on TPU, "loop" on GPU, "grid" interpreted on the CPU."""
-    backend = jax.default_backend()
-    variant = variant or ("loop" if backend == "gpu" else "grid")
-    if variant not in VARIANTS:
-        raise ValueError(f"pallas ssd: variant {variant!r} is not one of {VARIANTS}")
+    the target backend: "chunked" on GPU, "grid" on TPU, "grid" interpreted on the CPU."""
+    backend = target_backend()
+    variant = variant or DEFAULT_VARIANTS.get(backend, "grid")
     interpret = backend not in ("tpu", "gpu") if interpret is None else interpret
     b, _, h, p = x.shape
     n = B.shape[-1]
+    plan = tile_plan(variant, chunk_size, p, n, x.dtype, interpret)
     init = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
-    y, final = _ssd(x, dt, A, B, C, init, _Plan(chunk_size, variant, interpret))
+    kernels = ssd_chunked_kernels if variant == "chunked" else ssd_grid_kernels
+    y, final = kernels(x, dt, A, B, C, init, plan)
     if D is not None:
         y = y + D.astype(f32)[:, None] * x.astype(f32)
     return y, final
 
 
-# ----- static plan: chunking, padding, layouts and block specs ----------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static choices of one call (hashable: it is a non-differentiable argument of the custom VJP)."""
-
-    chunk: int
-    variant: str
-    interpret: bool
-
-    @property
-    def loop(self) -> bool:
-        return self.variant == "loop"
-
-    def padded_width(self, width: int) -> int:
-        """Triton loads and dots need power-of-two sizes of at least 16; Mosaic takes the full width."""
-        return max(16, pl.next_power_of_2(width)) if self.loop else width
-
-    # Sequence arrays are [b, L, h|g, width] in natural layout (dt and dt * A with a unit width: a column
-    # per chunk, which both Mosaic's and Triton's tiling accept); the grid driver moves heads (or groups)
-    # in front of time. States are [b, h, p, n].
-    def to_layout(self, t: jax.Array) -> jax.Array:
-        return t if self.loop else jnp.moveaxis(t, 2, 1)
-
-    def from_layout(self, t: jax.Array) -> jax.Array:
-        return t if self.loop else jnp.moveaxis(t, 1, 2)
-
-    def layout_struct(self, *shape: int) -> jax.ShapeDtypeStruct:
-        """An fp32 kernel output whose natural shape is `shape`."""
-        if not self.loop:
-            shape = (shape[0], shape[2], shape[1], *shape[3:])
-        return jax.ShapeDtypeStruct(shape, f32)
-
-    def grid(self, b: int, h: int, n_chunks: int) -> tuple[int, ...]:
-        return (b, h) if self.loop else (b, h, n_chunks)
-
-    def seq_spec(self, length: int, width: int, heads_per_row: int = 1, reverse: bool = False):
-        """x, dt, y, B, C and their cotangents; `heads_per_row` > 1 maps a head to its group."""
-        if self.loop:
-            return pl.BlockSpec((None, length, None, width), lambda i, j: (i, 0, j // heads_per_row, 0))
-        chunk = _chunk_index(length // self.chunk, reverse)
-        return pl.BlockSpec((None, None, self.chunk, width),
-                            lambda i, j, c: (i, j // heads_per_row, chunk(c), 0))
-
-    def state_spec(self, p: int, n: int):
-        """One [p, n] state per (batch, head): initial, final and their cotangents."""
-        index = (lambda i, j: (i, j, 0, 0)) if self.loop else (lambda i, j, c: (i, j, 0, 0))
-        return pl.BlockSpec((None, None, p, n), index)
-
-    def states_spec(self, n_chunks: int, p: int, n: int, reverse: bool = False):
-        """The state entering every chunk, [b, h, chunks, p, n]."""
-        if self.loop:
-            return pl.BlockSpec((None, None, n_chunks, p, n), lambda i, j: (i, j, 0, 0, 0))
-        chunk = _chunk_index(n_chunks, reverse)
-        return pl.BlockSpec((None, None, None, p, n), lambda i, j, c: (i, j, chunk(c), 0, 0))
-
-    def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch_p_n=None):
-        """`pallas_call` with the driver's scratch (the grid driver's carried state) and semantics."""
-        kwargs = {}
-        if self.loop and not self.interpret:
-            from jax.experimental.pallas import triton as pltriton
-
-            kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
-        if not self.loop:
-            from jax.experimental.pallas import tpu as pltpu
-
-            kwargs["scratch_shapes"] = [pltpu.VMEM(scratch_p_n, f32)]
-            if not self.interpret:
-                kwargs["compiler_params"] = pltpu.CompilerParams(
-                    dimension_semantics=("parallel", "parallel", "arbitrary"))
-        return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                              out_shape=out_shape, interpret=self.interpret, **kwargs)
-
-
-def _chunk_index(n_chunks: int, reverse: bool):
-    return (lambda c: n_chunks - 1 - c) if reverse else (lambda c: c)
-
-
-def _walk(plan: _Plan, n_chunks: int, carry_init: jax.Array, body, scratch, reverse: bool = False):
-    """Runs `body(rows, chunk, carry) -> carry` over the chunks and returns the last carry.
-
-    `rows` indexes the chunk's rows in a sequence ref, `chunk` its position in a per-chunk ref (None for
-    the grid driver, whose refs already are the chunk's block)."""
-    q = plan.chunk
-    if plan.loop:
-        def step(k, carry):
-            c = n_chunks - 1 - k if reverse else k
-            return body(pl.ds(c * q, q), c, carry)
-
-        return jax.lax.fori_loop(0, n_chunks, step, carry_init)
-    (state_ref,) = scratch
-    c = pl.program_id(2)
-
-    @pl.when(c == 0)
-    def _():
-        state_ref[...] = carry_init
-
-    state_ref[...] = body(slice(None), None, state_ref[...])
-    return state_ref[...]
-
-
-def _is_last_step(plan: _Plan, n_chunks: int):
-    return True if plan.loop else pl.program_id(2) == n_chunks - 1
-
-
-def _store_when(cond, ref, value):
-    if cond is True:
-        ref[...] = value
-        return
-
-    @pl.when(cond)
-    def _():
-        ref[...] = value
-
-
-def _load_state(ref, chunk):
-    return ref[...] if chunk is None else ref[chunk]
-
-
-def _store_state(ref, chunk, value):
-    if chunk is None:
-        ref[...] = value
+def tile_plan(variant: str, chunk: int, head_dim: int, state: int, dtype, interpret: bool = False):
+    """The static tile plan of one call. A compiled (not interpreted) plan must fit the on-chip memory of
+    every device of its family (`budget.check_plan`), or this raises `budget.OnChipMemoryError`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"pallas ssd: variant {variant!r} is not one of {VARIANTS}")
+    if variant == "chunked":
+        plan = make_plan(chunk, head_dim, state, dtype, interpret)
     else:
-        ref[chunk] = value
-
-
-# ----- per-chunk math (fp32 values of one chunk of one head) ------------------------------------------
-
-
-def _mm(a, b, transpose_a=False, transpose_b=False):
-    dims = ((0 if transpose_a else 1,), (1 if transpose_b else 0,))
-    return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=f32)
-
-
-def _masks(q: int):
-    """(i >= j, i <= j, i == j) over a chunk's (q x q) positions."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    return rows >= cols, rows <= cols, rows == cols
-
-
-def _to_row(v, eye):
-    """[q, 1] -> [1, q] as a masked reduction (no transpose op, which not every backend lowers)."""
-    return jnp.sum(jnp.where(eye, v, 0.0), axis=0, keepdims=True)
-
-
-def _decays(a, masks):
-    """From the per-step log-decays a = dt * A [q, 1]: their in-chunk cumulative sum s [q, 1], the
-    masked (q x q) decay matrix exp(s_i - s_j), and the chunk's total s_end."""
-    causal, upper, eye = masks
-    s_col = jnp.sum(jnp.where(causal, _to_row(a, eye), 0.0), axis=1, keepdims=True)
-    s_row = jnp.sum(jnp.where(upper, a, 0.0), axis=0, keepdims=True)
-    decay = jnp.exp(jnp.where(causal, s_col - s_row, -jnp.inf))
-    return s_col, decay, jnp.sum(a)
-
-
-def _chunk_forward(x, dt, a, Bm, Cm, state, masks, with_output: bool):
-    """y of the chunk (or None) and the state after it. x [q,p], dt/a [q,1], B/C [q,n], state [p,n]."""
-    s, decay, total = _decays(a, masks)
-    X = x * dt
-    new_state = jnp.exp(total) * state + _mm(X * jnp.exp(total - s), Bm, transpose_a=True)
-    if not with_output:
-        return None, new_state
-    y = _mm(_mm(Cm, Bm, transpose_b=True) * decay, X) + jnp.exp(s) * _mm(Cm, state, transpose_b=True)
-    return y, new_state
-
-
-def _chunk_backward(x, dt, a, Bm, Cm, entering, dy, d_leaving, masks):
-    """Cotangents of one chunk given those of its output (dy) and of the state leaving it."""
-    _, upper, eye = masks
-    s, decay, total = _decays(a, masks)
-    X = x * dt
-    s_exp, to_end = jnp.exp(s), jnp.exp(total - s)
-    M = _mm(Cm, Bm, transpose_b=True) * decay  # y_i = sum_j M_ij X_j within the chunk
-
-    dX = _mm(M, dy, transpose_a=True) + to_end * _mm(Bm, d_leaving, transpose_b=True)
-    dM = _mm(dy, X, transpose_b=True)
-    d_scores = dM * decay
-    dC = _mm(d_scores, Bm) + s_exp * _mm(dy, entering)
-    dB = _mm(d_scores, Cm, transpose_a=True) + to_end * _mm(X, d_leaving)
-
-    # d/ds of the log-decays. decay_ij = exp(s_i - s_j) enters s_i with + and s_j with -.
-    dMM = dM * M
-    readout = s_exp * _mm(Cm, entering, transpose_b=True)
-    d_to_end = to_end * jnp.sum(X * _mm(Bm, d_leaving, transpose_b=True), axis=1, keepdims=True)
-    ds_col = jnp.sum(dMM, axis=1, keepdims=True) + jnp.sum(dy * readout, axis=1, keepdims=True) - d_to_end
-    ds_row = _to_row(ds_col, eye) - jnp.sum(dMM, axis=0, keepdims=True)
-    ds_total = jnp.exp(total) * jnp.sum(d_leaving * entering) + jnp.sum(d_to_end)
-    # s = cumsum(a): da_k = sum_{i >= k} ds_i, and s_end (= s_{q-1}) reaches every a_k.
-    da = jnp.sum(jnp.where(upper, ds_row, 0.0), axis=1, keepdims=True) + ds_total
-
-    d_entering = jnp.exp(total) * d_leaving + _mm(s_exp * dy, Cm, transpose_a=True)
-    ddt = jnp.sum(dX * x, axis=1, keepdims=True)
-    return dict(dx=dX * dt, ddt=ddt, da=da, dB=dB, dC=dC), d_entering
-
-
-# ----- kernels ----------------------------------------------------------------------------------------
-
-
-def _forward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, init_ref, *refs, plan, n_chunks, emit_states):
-    """Either (y, final state) or, for the backward, the state entering every chunk."""
-    outs, scratch = (refs[:1], refs[1:]) if emit_states else (refs[:2], refs[2:])
-    masks = _masks(plan.chunk)
-
-    def body(rows, chunk, state):
-        chunk_inputs = (x_ref[rows, :].astype(f32), dt_ref[rows, :], a_ref[rows, :],
-                        B_ref[rows, :].astype(f32), C_ref[rows, :].astype(f32))
-        if emit_states:
-            _store_state(outs[0], chunk, state)
-            return _chunk_forward(*chunk_inputs, state, masks, with_output=False)[1]
-        y, state = _chunk_forward(*chunk_inputs, state, masks, with_output=True)
-        outs[0][rows, :] = y.astype(outs[0].dtype)
-        return state
-
-    final = _walk(plan, n_chunks, init_ref[...].astype(f32), body, scratch)
-    if not emit_states:
-        _store_when(_is_last_step(plan, n_chunks), outs[1], final)
-
-
-def _backward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, states_ref, dy_ref, d_final_ref,
-                     dx_ref, ddt_ref, da_ref, dB_ref, dC_ref, d_init_ref, *scratch, plan, n_chunks):
-    """Walks the chunks in reverse, carrying the cotangent of the state leaving the current chunk."""
-    masks = _masks(plan.chunk)
-
-    def body(rows, chunk, d_leaving):
-        grads, d_entering = _chunk_backward(
-            x_ref[rows, :].astype(f32), dt_ref[rows, :], a_ref[rows, :], B_ref[rows, :].astype(f32),
-            C_ref[rows, :].astype(f32), _load_state(states_ref, chunk), dy_ref[rows, :].astype(f32),
-            d_leaving, masks)
-        dx_ref[rows, :] = grads["dx"]
-        ddt_ref[rows, :] = grads["ddt"]
-        da_ref[rows, :] = grads["da"]
-        dB_ref[rows, :] = grads["dB"]
-        dC_ref[rows, :] = grads["dC"]
-        return d_entering
-
-    d_init = _walk(plan, n_chunks, d_final_ref[...].astype(f32), body, scratch, reverse=True)
-    _store_when(_is_last_step(plan, n_chunks), d_init_ref, d_init)
-
-
-# ----- the custom VJP: padding, layouts, and the reductions outside the kernels -----------------------
-
-
-def _pad(t: jax.Array, length: int, width: int | None = None) -> jax.Array:
-    """Time (axis 1) to `length`, the last axis to `width`. Padded steps have dt = 0 and x = 0: no decay
-    and no input, so they change neither outputs nor states."""
-    pads = [(0, 0), (0, length - t.shape[1])] + [(0, 0)] * (t.ndim - 2)
-    if width is not None:
-        pads[-1] = (0, width - t.shape[-1])
-    return jnp.pad(t, pads)
-
-
-def _kernel_inputs(x, dt, A, B, C, plan):
-    b, length, h, p = x.shape
-    n = B.shape[-1]
-    q = plan.chunk
-    padded = -(-length // q) * q
-    pp, np_ = plan.padded_width(p), plan.padded_width(n)
-    dt32 = dt.astype(f32)[..., None]  # [b, l, h, 1]: a column per chunk
-    a = dt32 * A.astype(f32)[:, None]
-    inputs = [_pad(x, padded, pp), _pad(dt32, padded), _pad(a, padded), _pad(B, padded, np_), _pad(C, padded, np_)]
-    return [plan.to_layout(t) for t in inputs], (padded, pp, np_)
-
-
-def _forward_specs(plan, padded, pp, np_, r):
-    return [plan.seq_spec(padded, pp), plan.seq_spec(padded, 1), plan.seq_spec(padded, 1),
-            plan.seq_spec(padded, np_, r), plan.seq_spec(padded, np_, r), plan.state_spec(pp, np_)]
-
-
-def _pad_state(t, pp, np_):
-    return jnp.pad(t.astype(f32), [(0, 0), (0, 0), (0, pp - t.shape[2]), (0, np_ - t.shape[3])])
-
-
-def _run_forward(x, dt, A, B, C, init, plan, emit_states):
-    b, length, h, p = x.shape
-    g, n = B.shape[-2:]
-    inputs, (padded, pp, np_) = _kernel_inputs(x, dt, A, B, C, plan)
-    n_chunks = padded // plan.chunk
-    kernel = functools.partial(_forward_kernel, plan=plan, n_chunks=n_chunks, emit_states=emit_states)
-    if emit_states:
-        out_specs = plan.states_spec(n_chunks, pp, np_)
-        out_shape = jax.ShapeDtypeStruct((b, h, n_chunks, pp, np_), f32)
-    else:
-        out_specs = [plan.seq_spec(padded, pp), plan.state_spec(pp, np_)]
-        out_shape = [plan.layout_struct(b, padded, h, pp), jax.ShapeDtypeStruct((b, h, pp, np_), f32)]
-    outs = plan.call(kernel, plan.grid(b, h, n_chunks), _forward_specs(plan, padded, pp, np_, h // g),
-                     out_specs, out_shape, (pp, np_))(*inputs, _pad_state(init, pp, np_))
-    if emit_states:
-        return outs
-    y, final = outs
-    return plan.from_layout(y)[:, :length, :, :p], final[:, :, :p, :n]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd(x, dt, A, B, C, init, plan):
-    return _run_forward(x, dt, A, B, C, init, plan, emit_states=False)
-
-
-def _ssd_fwd(x, dt, A, B, C, init, plan):
-    return _ssd(x, dt, A, B, C, init, plan), (x, dt, A, B, C, init)
-
-
-def _ssd_bwd(plan, residuals, cotangents):
-    x, dt, A, B, C, init = residuals
-    dy, d_final = cotangents
-    b, length, h, p = x.shape
-    g, n = B.shape[-2:]
-    states = _run_forward(x, dt, A, B, C, init, plan, emit_states=True)
-    inputs, (padded, pp, np_) = _kernel_inputs(x, dt, A, B, C, plan)
-    n_chunks = padded // plan.chunk
-    seq, time = plan.seq_spec(padded, pp, reverse=True), plan.seq_spec(padded, 1, reverse=True)
-    group_seq = plan.seq_spec(padded, np_, h // g, reverse=True)
-    head_seq_n = plan.seq_spec(padded, np_, reverse=True)
-    in_specs = [seq, time, time, group_seq, group_seq, plan.states_spec(n_chunks, pp, np_, reverse=True),
-                seq, plan.state_spec(pp, np_)]
-    out_specs = [seq, time, time, head_seq_n, head_seq_n, plan.state_spec(pp, np_)]
-    out_shape = [plan.layout_struct(b, padded, h, pp), plan.layout_struct(b, padded, h, 1),
-                 plan.layout_struct(b, padded, h, 1), plan.layout_struct(b, padded, h, np_),
-                 plan.layout_struct(b, padded, h, np_), jax.ShapeDtypeStruct((b, h, pp, np_), f32)]
-    kernel = functools.partial(_backward_kernel, plan=plan, n_chunks=n_chunks)
-    dy_in = plan.to_layout(_pad(dy.astype(f32), padded, pp))
-    dx, ddt, da, dB_h, dC_h, d_init = plan.call(
-        kernel, plan.grid(b, h, n_chunks), in_specs, out_specs, out_shape, (pp, np_))(
-        *inputs, states, dy_in, _pad_state(d_final, pp, np_))
-
-    dx = plan.from_layout(dx)[:, :length, :, :p]
-    ddt, da = (plan.from_layout(t)[:, :length, :, 0] for t in (ddt, da))
-    dB, dC = (plan.from_layout(t)[:, :length, :, :n].reshape(b, length, g, h // g, n).sum(3)
-              for t in (dB_h, dC_h))
-    dt32 = dt.astype(f32)
-    ddt = ddt + da * A.astype(f32)  # a = dt * A
-    dA = jnp.sum(da * dt32, axis=(0, 1))
-    return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
-            dC.astype(C.dtype), d_init[:, :, :p, :n].astype(init.dtype))
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+        plan = GridPlan(chunk, head_dim, state, jnp.dtype(dtype).name, interpret)
+    if not interpret:
+        budget.check_plan(plan)
+    return plan

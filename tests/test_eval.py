@@ -181,7 +181,7 @@ def eval_main():
       "--max_new_tokens=8"], "prompt 0 has 45 tokens; with max_new_tokens=8 that exceeds the model's limit of 48"),
     (["--checkpoint={ckpt}", "--tasks=perplexity"], "has no tokenizer"),
     (["--checkpoint={ckpt}", "--tasks=recall", "--attention_impl=flash"],
-     "`attention_impl` = 'flash': must be one of ('xla', 'cudnn', 'splash')"),
+     "`attention_impl` = 'flash': must be one of ('auto', 'xla', 'cudnn', 'splash')"),
 ])
 def test_eval_cli_errors(eval_main, checkpoint, data, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, ckpt=checkpoint[0], data=data) for a in args]

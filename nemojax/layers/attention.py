@@ -16,13 +16,14 @@ from nemojax.sharding import shard_map_logical
 def causal_attention_of(cfg: ModelConfig):
     """(q, k, v) -> attention output by `cfg.attention_impl`: the XLA blockwise attention, or a fused
     kernel (cuDNN, splash) run on each device's own (batch, heads) shard."""
-    if cfg.attention_impl == "xla":
+    impl = cfg.kernel_impls()[1]
+    if impl == "xla":
         return causal_attention
     from pallas import attention
 
     kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}
     q_axes, kv_axes = ("batch", "length", "heads", None), ("batch", "length", "kv_heads", None)
-    return shard_map_logical(kernel[cfg.attention_impl], in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
+    return shard_map_logical(kernel[impl], in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
 
 
 class Attention(nn.Module):

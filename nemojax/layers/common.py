@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Int
 
+from nemojax.ops.platform import on_cpu
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -42,7 +44,7 @@ def normal(std: float) -> Initializer:
 
 
 @jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _matmul_explicit_transposes(x: jax.Array, w: jax.Array) -> jax.Array:
     return x @ w
 
 
@@ -64,7 +66,9 @@ def _matmul_bwd(res, dy):
     return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_explicit_transposes.defvjp(_matmul_fwd, _matmul_bwd)
+# XLA:CPU gets the hand-written VJP; GPUs and TPUs the plain product, whose autodiff their compilers fuse.
+_matmul = on_cpu(_matmul_explicit_transposes, jnp.matmul)
 
 
 def dense(x: jax.Array, kernel: jax.Array, in_axes: int, dtype: jnp.dtype) -> jax.Array:

@@ -42,9 +42,9 @@ def _conv_init(width: int):
 
 
 def chunked_scan(cfg: ModelConfig):
-    """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernel,
-    which runs on each device's own (batch, heads) shard."""
-    if cfg.ssm_impl == "xla":
+    """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernels,
+    which run on each device's own (batch, heads) shard."""
+    if cfg.kernel_impls()[0] == "xla":
         return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
     from pallas.ssd import ssd
 

@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from nemojax.ops.platform import on_cpu
+
 BLOCK = 64  # rows per block; padding costs at most groups x (BLOCK - 1) rows of work
 
 
 def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"],
                    group_sizes: Int[Array, " g"]) -> Float[Array, "m n"]:
     """`ragged_dot(x, w, group_sizes)`, lowered per platform: the blocked loop for the CPU."""
-    return jax.lax.platform_dependent(x, w, group_sizes, cpu=blocked_grouped_matmul, default=jax.lax.ragged_dot)
+    return _grouped_matmul(x, w, group_sizes)
 
 
 class _Layout:
@@ -119,3 +121,6 @@ def _backward(residuals, dy):
 
 
 _blocked.defvjp(_forward, _backward)
+
+
+_grouped_matmul = on_cpu(blocked_grouped_matmul, jax.lax.ragged_dot)

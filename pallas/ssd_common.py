@@ -1,0 +1,20 @@
+"""Padding shared by both SSD drivers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def pad(t: jax.Array, length: int, width: int | None = None) -> jax.Array:
+    """Time (axis 1) to `length`, the last axis to `width`. Padded steps have dt = 0 and x = 0: no decay
+    and no input, so they change neither outputs nor states."""
+    pads = [(0, 0), (0, length - t.shape[1])] + [(0, 0)] * (t.ndim - 2)
+    if width is not None:
+        pads[-1] = (0, width - t.shape[-1])
+    return jnp.pad(t, pads)
+
+
+def pad_state(t: jax.Array, head_dim: int, state: int) -> jax.Array:
+    """A [b, h, p, n] state in fp32, padded to [b, h, head_dim, state]."""
+    return jnp.pad(t.astype(jnp.float32), [(0, 0), (0, 0), (0, head_dim - t.shape[2]), (0, state - t.shape[3])])
