@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas import budget
-from pallas.ssd_common import pad, pad_state
+from pallas.ssd_common import pad
 
 f32 = jnp.float32
 ROW_BLOCKS = (64, 32, 16, 8, 4, 2, 1)  # candidates, largest first: the plan takes the largest that fits
@@ -109,11 +109,6 @@ def _mm(a, b, transpose_a=False, transpose_b=False):
     return jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=f32)
 
 
-def _last(v, length):
-    """The last entry of a 1-D value (as a masked sum: Triton cannot slice values held in registers)."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, (length,), 0) == length - 1, v, 0.0))
-
-
 def _decay(s_rows, s_cols, row_block, col_block, size):
     """exp(s_i - s_j) where row i (of block `row_block`) is at or after column j (of `col_block`), else 0."""
     i = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0) + row_block * size
@@ -126,7 +121,7 @@ def _decay(s_rows, s_cols, row_block, col_block, size):
 
 def _states_kernel(x_ref, dt_ref, s_ref, B_ref, H_ref, *, plan):
     r, dtype = plan.rows, plan.dtype
-    s_end = _last(s_ref[...], plan.chunk)
+    s_end = s_ref[plan.chunk - 1]  # the chunk's total log-decay
 
     def row_block(k, H):  # H += sum_j e^{s_end - s_j} X_j B_j^T over the rows of block k
         rows = pl.ds(k * r, r)
@@ -148,9 +143,11 @@ def _dstates_kernel(dy_ref, s_ref, C_ref, G_ref, *, plan):
     G_ref[...] = jax.lax.fori_loop(0, plan.row_blocks, row_block, jnp.zeros((plan.head_dim, plan.state), f32))
 
 
-def _pass_kernel(h_ref, decay_ref, first_ref, out_ref, last_ref, *, n_chunks, reverse):
+def _pass_kernel(h_ref, decay_ref, first_ref, out_ref, last_ref, *, reverse):
     """out[c] = the running state before chunk c, then state = decay[c] * state + h[c]; in reverse order
     for the backward (the state's cotangent)."""
+    n_chunks = h_ref.shape[0]
+
     def step(k, state):
         c = n_chunks - 1 - k if reverse else k
         out_ref[c, :] = state
@@ -184,7 +181,7 @@ def _backward_kernel(x_ref, dt_ref, s_ref, B_ref, C_ref, E_ref, dy_ref, T_ref,
     q, r, dtype = plan.chunk, plan.rows, plan.dtype
     m = pl.program_id(1) % plan.row_blocks
     rows = pl.ds(m * r, r)
-    s_end = _last(s_ref[...], q)
+    s_end = s_ref[q - 1]  # the chunk's total log-decay
     s_m, dt_m = s_ref[rows], dt_ref[rows]
     x_m = x_ref[rows, :].astype(f32)
     X_m = x_m * dt_m[:, None]
@@ -249,7 +246,7 @@ class _Specs:
     per-chunk states [b, c, h, p, n]. Grids are (b, chunk, h) or (b, chunk x row block, h)."""
 
     def __init__(self, plan: ChunkedPlan, heads_per_group: int, by_rows: bool):
-        self.plan, self.r, self.by_rows = plan, heads_per_group, by_rows
+        self.plan, self.r = plan, heads_per_group
         self.per = plan.row_blocks if by_rows else 1  # grid steps per chunk along axis 1
 
     def seq(self, width, group=False):
@@ -272,9 +269,7 @@ class _Specs:
 
 
 def _call(plan: ChunkedPlan, kernel, grid, in_specs, out_specs, out_shape):
-    """`pallas_call` of `kernel` (given `plan=plan` unless it is already bound) with Triton's parameters."""
-    if not isinstance(kernel, functools.partial):
-        kernel = functools.partial(kernel, plan=plan)
+    """`pallas_call` of `kernel` (its static arguments already bound) with the plan's Triton parameters."""
     kwargs = {}
     if not plan.interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -290,7 +285,7 @@ def _state_pass(plan: ChunkedPlan, increments, chunk_decay, first, reverse: bool
     b, c, h, p, n = increments.shape
     k = plan.pass_block
     flat = increments.reshape(b, c, h, p * n)
-    kernel = functools.partial(_pass_kernel, n_chunks=c, reverse=reverse)
+    kernel = functools.partial(_pass_kernel, reverse=reverse)
     out, last = _call(
         plan, kernel, (b, h, p * n // k),
         [pl.BlockSpec((None, c, None, k), lambda i, j, e: (i, 0, j, e)),
@@ -318,12 +313,17 @@ def _prepare(x, dt, A, B, C, plan):
     return seqs, chunk_decay, padded
 
 
+def _pad_state(t: jax.Array, head_dim: int, state: int) -> jax.Array:
+    """A [b, h, p, n] state in fp32, padded to [b, h, head_dim, state]."""
+    return jnp.pad(t.astype(f32), [(0, 0), (0, 0), (0, head_dim - t.shape[2]), (0, state - t.shape[3])])
+
+
 def _entering_states(plan, seqs, chunk_decay, init):
     x, dt, s, B, _ = seqs
     b, padded, h, p = x.shape
     c, n = padded // plan.chunk, plan.state
     specs = _Specs(plan, h // B.shape[2], by_rows=False)
-    H = _call(plan, _states_kernel, (b, c, h),
+    H = _call(plan, functools.partial(_states_kernel, plan=plan), (b, c, h),
               [specs.seq(p), specs.scalars(), specs.scalars(), specs.seq(n, group=True)], specs.state(),
               jax.ShapeDtypeStruct((b, c, h, p, n), f32))(x, dt, s, B)
     return _state_pass(plan, H, chunk_decay, init, reverse=False)
@@ -334,7 +334,7 @@ def _forward(plan, seqs, chunk_decay, init):
     b, padded, h, p = x.shape
     entering, final = _entering_states(plan, seqs, chunk_decay, init)
     specs = _Specs(plan, h // B.shape[2], by_rows=True)
-    y = _call(plan, _scan_kernel, (b, padded // plan.rows, h),
+    y = _call(plan, functools.partial(_scan_kernel, plan=plan), (b, padded // plan.rows, h),
               [specs.seq(p), specs.scalars(), specs.scalars(), specs.seq(plan.state, group=True),
                specs.seq(plan.state, group=True), specs.state()], specs.row_seq(p),
               jax.ShapeDtypeStruct((b, padded, h, p), f32))(x, dt, s, B, C, entering)
@@ -351,7 +351,7 @@ def _ssd_fwd(x, dt, A, B, C, init, plan):
     b, length, h, p = x.shape
     n = B.shape[-1]
     seqs, chunk_decay, _ = _prepare(x, dt, A, B, C, plan)
-    y, final = _forward(plan, seqs, chunk_decay, pad_state(init, plan.head_dim, plan.state))
+    y, final = _forward(plan, seqs, chunk_decay, _pad_state(init, plan.head_dim, plan.state))
     out = (y[:, :length, :, :p], final[:, :, :p, :n])
     return out, (x, dt, A, B, C, init)
 
@@ -365,20 +365,21 @@ def _ssd_bwd(plan, residuals, cotangents):
     xp, dtp, s, Bp, Cp = seqs
     q, pp, np_ = plan.chunk, plan.head_dim, plan.state
     c = padded // q
-    entering, _ = _entering_states(plan, seqs, chunk_decay, pad_state(init, plan.head_dim, plan.state))
+    entering, _ = _entering_states(plan, seqs, chunk_decay, _pad_state(init, plan.head_dim, plan.state))
     dyp = pad(dy.astype(f32), padded, pp)
 
     specs = _Specs(plan, h // g, by_rows=False)
-    G = _call(plan, _dstates_kernel, (b, c, h), [specs.seq(pp), specs.scalars(), specs.seq(np_, group=True)],
-              specs.state(), jax.ShapeDtypeStruct((b, c, h, pp, np_), f32))(dyp, s, Cp)
-    d_final = pad_state(d_final, plan.head_dim, plan.state)
+    G = _call(plan, functools.partial(_dstates_kernel, plan=plan), (b, c, h),
+              [specs.seq(pp), specs.scalars(), specs.seq(np_, group=True)], specs.state(),
+              jax.ShapeDtypeStruct((b, c, h, pp, np_), f32))(dyp, s, Cp)
+    d_final = _pad_state(d_final, plan.head_dim, plan.state)
     leaving_cotangents, d_init = _state_pass(plan, G, chunk_decay, d_final, reverse=True)
 
     specs = _Specs(plan, h // g, by_rows=True)
     seq_f32 = lambda w: jax.ShapeDtypeStruct((b, padded, h, w), f32)  # noqa: E731
     scalars_f32 = jax.ShapeDtypeStruct((b, h, padded), f32)
     dx, ddt, ds, dte, dB_h, dC_h = _call(
-        plan, _backward_kernel, (b, padded // plan.rows, h),
+        plan, functools.partial(_backward_kernel, plan=plan), (b, padded // plan.rows, h),
         [specs.seq(pp), specs.scalars(), specs.scalars(), specs.seq(np_, group=True), specs.seq(np_, group=True),
          specs.state(), specs.seq(pp), specs.state()],
         [specs.row_seq(pp), specs.row_scalars(), specs.row_scalars(), specs.row_scalars(), specs.row_seq(np_),

@@ -14,7 +14,3 @@ def pad(t: jax.Array, length: int, width: int | None = None) -> jax.Array:
         pads[-1] = (0, width - t.shape[-1])
     return jnp.pad(t, pads)
 
-
-def pad_state(t: jax.Array, head_dim: int, state: int) -> jax.Array:
-    """A [b, h, p, n] state in fp32, padded to [b, h, head_dim, state]."""
-    return jnp.pad(t.astype(jnp.float32), [(0, 0), (0, 0), (0, head_dim - t.shape[2]), (0, state - t.shape[3])])

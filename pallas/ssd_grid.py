@@ -5,7 +5,7 @@ in VMEM scratch: per chunk the kernel fuses the intra-chunk (Q x Q) product, the
 state and the state update, so only x, dt, B, C go in and y goes out. Inputs are made head-major so each
 block is a (chunk, width) tile. The backward walks the chunks in reverse with the state's cotangent in
 scratch; the entering states it needs come from a states-only pass of the forward kernel.
-`GridPlan.vmem` estimates what a grid step holds in VMEM (checked by `pallas/budget.py`). On the CPU the
+`GridPlan.on_chip` estimates what a grid step holds in VMEM (checked by `pallas/budget.py`). On the CPU the
 kernels run with `interpret=True`. All accumulation is fp32; x, B, C may be bf16.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas import budget
-from pallas.ssd_common import pad, pad_state
+from pallas.ssd_common import pad
 
 f32 = jnp.float32
 
@@ -57,7 +57,7 @@ class GridPlan:
         seq, col, st = _vmem_tile(q, p, item), _vmem_tile(q, 1, 4), _vmem_tile(p, n, 4)
         bc = _vmem_tile(q, n, item)
         square, seq32, bc32 = _vmem_tile(q, q, 4), _vmem_tile(q, p, 4), _vmem_tile(q, n, 4)
-        forward = 2 * (seq + 2 * col + 2 * bc + st + _vmem_tile(q, p, 4) + st) + st + 4 * square + 3 * seq32
+        forward = 2 * (seq + 2 * col + 2 * bc + st + seq32 + st) + st + 4 * square + 3 * seq32
         backward = (2 * (seq + 2 * col + 2 * bc + st + seq32 + st + seq32 + 2 * col + 2 * bc32 + st) + st
                     + 6 * square + 5 * seq32 + 4 * bc32)
         return {"forward": forward, "backward": backward}
@@ -247,40 +247,36 @@ def _backward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, states_ref, dy_ref, d_f
 
 
 def _kernel_inputs(x, dt, A, B, C, plan):
-    b, length, h, p = x.shape
-    n = B.shape[-1]
-    q = plan.chunk
-    padded = -(-length // q) * q
-    pp, np_ = p, n  # Mosaic takes the full width
+    """Head-major inputs with time padded to whole chunks (Mosaic takes the full head_dim and state)."""
+    padded = -(-x.shape[1] // plan.chunk) * plan.chunk
     dt32 = dt.astype(f32)[..., None]  # [b, l, h, 1]: a column per chunk
     a = dt32 * A.astype(f32)[:, None]
-    inputs = [pad(x, padded, pp), pad(dt32, padded), pad(a, padded), pad(B, padded, np_), pad(C, padded, np_)]
-    return [plan.to_layout(t) for t in inputs], (padded, pp, np_)
+    return [plan.to_layout(pad(t, padded)) for t in (x, dt32, a, B, C)], padded
 
 
-def _forward_specs(plan, padded, pp, np_, r):
-    return [plan.seq_spec(padded, pp), plan.seq_spec(padded, 1), plan.seq_spec(padded, 1),
-            plan.seq_spec(padded, np_, r), plan.seq_spec(padded, np_, r), plan.state_spec(pp, np_)]
+def _forward_specs(plan, padded, p, n, r):
+    return [plan.seq_spec(padded, p), plan.seq_spec(padded, 1), plan.seq_spec(padded, 1),
+            plan.seq_spec(padded, n, r), plan.seq_spec(padded, n, r), plan.state_spec(p, n)]
 
 
 def _run_forward(x, dt, A, B, C, init, plan, emit_states):
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
-    inputs, (padded, pp, np_) = _kernel_inputs(x, dt, A, B, C, plan)
+    inputs, padded = _kernel_inputs(x, dt, A, B, C, plan)
     n_chunks = padded // plan.chunk
     kernel = functools.partial(_forward_kernel, plan=plan, n_chunks=n_chunks, emit_states=emit_states)
     if emit_states:
-        out_specs = plan.states_spec(n_chunks, pp, np_)
-        out_shape = jax.ShapeDtypeStruct((b, h, n_chunks, pp, np_), f32)
+        out_specs = plan.states_spec(n_chunks, p, n)
+        out_shape = jax.ShapeDtypeStruct((b, h, n_chunks, p, n), f32)
     else:
-        out_specs = [plan.seq_spec(padded, pp), plan.state_spec(pp, np_)]
-        out_shape = [plan.layout_struct(b, padded, h, pp), jax.ShapeDtypeStruct((b, h, pp, np_), f32)]
-    outs = plan.call(kernel, plan.grid(b, h, n_chunks), _forward_specs(plan, padded, pp, np_, h // g),
-                     out_specs, out_shape, (pp, np_))(*inputs, pad_state(init, pp, np_))
+        out_specs = [plan.seq_spec(padded, p), plan.state_spec(p, n)]
+        out_shape = [plan.layout_struct(b, padded, h, p), jax.ShapeDtypeStruct((b, h, p, n), f32)]
+    outs = plan.call(kernel, plan.grid(b, h, n_chunks), _forward_specs(plan, padded, p, n, h // g),
+                     out_specs, out_shape, (p, n))(*inputs, init.astype(f32))
     if emit_states:
         return outs
     y, final = outs
-    return plan.from_layout(y)[:, :length, :, :p], final[:, :, :p, :n]
+    return plan.from_layout(y)[:, :length], final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -298,32 +294,31 @@ def _ssd_bwd(plan, residuals, cotangents):
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
     states = _run_forward(x, dt, A, B, C, init, plan, emit_states=True)
-    inputs, (padded, pp, np_) = _kernel_inputs(x, dt, A, B, C, plan)
+    inputs, padded = _kernel_inputs(x, dt, A, B, C, plan)
     n_chunks = padded // plan.chunk
-    seq, time = plan.seq_spec(padded, pp, reverse=True), plan.seq_spec(padded, 1, reverse=True)
-    group_seq = plan.seq_spec(padded, np_, h // g, reverse=True)
-    head_seq_n = plan.seq_spec(padded, np_, reverse=True)
-    in_specs = [seq, time, time, group_seq, group_seq, plan.states_spec(n_chunks, pp, np_, reverse=True),
-                seq, plan.state_spec(pp, np_)]
-    out_specs = [seq, time, time, head_seq_n, head_seq_n, plan.state_spec(pp, np_)]
-    out_shape = [plan.layout_struct(b, padded, h, pp), plan.layout_struct(b, padded, h, 1),
-                 plan.layout_struct(b, padded, h, 1), plan.layout_struct(b, padded, h, np_),
-                 plan.layout_struct(b, padded, h, np_), jax.ShapeDtypeStruct((b, h, pp, np_), f32)]
+    seq, time = plan.seq_spec(padded, p, reverse=True), plan.seq_spec(padded, 1, reverse=True)
+    group_seq = plan.seq_spec(padded, n, h // g, reverse=True)
+    head_seq_n = plan.seq_spec(padded, n, reverse=True)
+    in_specs = [seq, time, time, group_seq, group_seq, plan.states_spec(n_chunks, p, n, reverse=True),
+                seq, plan.state_spec(p, n)]
+    out_specs = [seq, time, time, head_seq_n, head_seq_n, plan.state_spec(p, n)]
+    out_shape = [plan.layout_struct(b, padded, h, p), plan.layout_struct(b, padded, h, 1),
+                 plan.layout_struct(b, padded, h, 1), plan.layout_struct(b, padded, h, n),
+                 plan.layout_struct(b, padded, h, n), jax.ShapeDtypeStruct((b, h, p, n), f32)]
     kernel = functools.partial(_backward_kernel, plan=plan, n_chunks=n_chunks)
-    dy_in = plan.to_layout(pad(dy.astype(f32), padded, pp))
+    dy_in = plan.to_layout(pad(dy.astype(f32), padded))
     dx, ddt, da, dB_h, dC_h, d_init = plan.call(
-        kernel, plan.grid(b, h, n_chunks), in_specs, out_specs, out_shape, (pp, np_))(
-        *inputs, states, dy_in, pad_state(d_final, pp, np_))
+        kernel, plan.grid(b, h, n_chunks), in_specs, out_specs, out_shape, (p, n))(
+        *inputs, states, dy_in, d_final.astype(f32))
 
-    dx = plan.from_layout(dx)[:, :length, :, :p]
+    dx = plan.from_layout(dx)[:, :length]
     ddt, da = (plan.from_layout(t)[:, :length, :, 0] for t in (ddt, da))
-    dB, dC = (plan.from_layout(t)[:, :length, :, :n].reshape(b, length, g, h // g, n).sum(3)
-              for t in (dB_h, dC_h))
+    dB, dC = (plan.from_layout(t)[:, :length].reshape(b, length, g, h // g, n).sum(3) for t in (dB_h, dC_h))
     dt32 = dt.astype(f32)
     ddt = ddt + da * A.astype(f32)  # a = dt * A
     dA = jnp.sum(da * dt32, axis=(0, 1))
     return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
-            dC.astype(C.dtype), d_init[:, :, :p, :n].astype(init.dtype))
+            dC.astype(C.dtype), d_init.astype(init.dtype))
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)

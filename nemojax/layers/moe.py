@@ -20,6 +20,7 @@ from nemojax.config import ModelConfig
 from nemojax.layers.common import dense, normal, param
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.platform import target_backend
 
 
 def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
@@ -83,7 +84,7 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
     The receive buffer holds `devices` x the local assignments either way (the worst case: every
     assignment in the mesh choosing this device's experts).
     """
-    ragged = jax.default_backend() in RAGGED_EXCHANGE_BACKENDS
+    ragged = target_backend() in RAGGED_EXCHANGE_BACKENDS
 
     def local(x, weights, expert_ids, up, down):
         devices, experts_here = jax.lax.axis_size(axis), up.shape[0]

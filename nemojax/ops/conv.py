@@ -1,8 +1,9 @@
-"""Depthwise causal 1-D convolution followed by SiLU, with a hand-written backward.
+"""Depthwise causal 1-D convolution followed by SiLU; on the CPU, with a hand-written backward.
 
 Autodiff through shifted slices of a padded array costs ~24x the forward on CPU (every slice's
 transpose pads a full-size zero array); the explicit backward recomputes the pre-activation and
-takes two more shifted sums, about twice the forward.
+takes two more shifted sums, about twice the forward. It loops over time blocks, which only XLA:CPU
+needs: GPUs and TPUs differentiate the plain op (`ops/platform.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from nemojax.ops.platform import on_cpu
 
 f32 = jnp.float32
 
@@ -32,15 +35,23 @@ def _pre_activation(x, weight, bias):
     return _shifted_sum(x.astype(f32), weight.astype(f32), reverse=False) + bias.astype(f32)
 
 
-@jax.custom_vjp
 def causal_conv1d_silu(x: Float[Array, "b l *c"], weight: Float[Array, "k *c"],
                        bias: Float[Array, "*c"]) -> Float[Array, "b l *c"]:
     """silu(bias + sum_k weight[k] * x[t - K + 1 + k]), zeros before the start; channels independent."""
+    return on_cpu(_conv_silu_blocked_backward, _conv_silu)(x, weight, bias)
+
+
+def _conv_silu(x, weight, bias):
     return jax.nn.silu(_pre_activation(x, weight, bias)).astype(x.dtype)
 
 
+@jax.custom_vjp
+def _conv_silu_blocked_backward(x, weight, bias):
+    return _conv_silu(x, weight, bias)
+
+
 def _fwd(x, weight, bias):
-    return causal_conv1d_silu(x, weight, bias), (x, weight, bias)
+    return _conv_silu(x, weight, bias), (x, weight, bias)
 
 
 def _bwd(res, dy):
@@ -78,7 +89,7 @@ def _bwd(res, dy):
             sums[width].reshape(channels).astype(bias.dtype))
 
 
-causal_conv1d_silu.defvjp(_fwd, _bwd)
+_conv_silu_blocked_backward.defvjp(_fwd, _bwd)
 
 
 def conv_step(window: Float[Array, "b k *c"], weight: Float[Array, "k *c"], bias: Float[Array, "*c"]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from nemojax.ops.platform import on_cpu
 from nemojax.ops.sums import sum_last, sum_leading
 
 f32 = jnp.float32
@@ -92,11 +93,15 @@ def _chunked_inputs(x, dt, A, B, C, q):
     g = B.shape[2]
     xc, dtc = _chunk_heads(x, q, g), _chunk_heads(dt, q, g)
     Bc, Cc = _chunk_groups(B, q), _chunk_groups(C, q)
-    # The in-chunk cumsum as a product with a triangular matrix: a materialised result, where XLA:CPU
-    # would otherwise fuse its blocked cumsum into every (Q x Q) consumer and stop vectorising them.
-    upper = jnp.triu(jnp.ones((q, q), f32))
-    s = jnp.einsum("bcgrj,ji->bcgri", dtc * A.astype(f32).reshape(g, -1)[:, :, None], upper)  # [b c g r q]
-    return xc, dtc, Bc, Cc, s
+    a = dtc * A.astype(f32).reshape(g, -1)[:, :, None]
+    return xc, dtc, Bc, Cc, on_cpu(_cumsum_as_product, lambda t: jnp.cumsum(t, axis=-1))(a)  # s: [b c g r q]
+
+
+def _cumsum_as_product(a: jax.Array) -> jax.Array:
+    """The in-chunk cumsum as a product with a triangular matrix: a materialised result, where XLA:CPU
+    would otherwise fuse its blocked cumsum into every (Q x Q) consumer and stop vectorising them."""
+    q = a.shape[-1]
+    return jnp.einsum("...j,ji->...i", a, jnp.triu(jnp.ones((q, q), f32)))
 
 
 def _ssd_forward(x, dt, A, B, C, D, init, q):
