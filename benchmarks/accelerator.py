@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import median_seconds  # noqa: E402
+from benchmarks.common import median_seconds, step_model  # noqa: E402
 from nemojax.ops.ssd import ssd_chunked  # noqa: E402
 from pallas.ssd import ssd as ssd_kernels  # noqa: E402
 
@@ -142,25 +142,15 @@ def train_step_row(smoke: bool, ssm_impl: str, attention_impl: str) -> dict:
     import flax.linen as nn
 
     from configs import base
-    from nemojax.config import ModelConfig
     from nemojax.flops import train_flops
     from nemojax.model import NemotronH
     from nemojax.train.metrics import device_peak_flops
     from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
     from nemojax.train.step import TrainState, train_step
 
-    if smoke:
-        fields = dict(hybrid_override_pattern="M-*-", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, intermediate_size=128, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
-                      n_groups=2, vocab_size=512, chunk_size=16)
-        batch, seq = 1, 64
-    else:
-        fields = dict(hybrid_override_pattern="M-M-M*-M-M-M*-", hidden_size=4096, num_attention_heads=32,
-                      intermediate_size=21504, mamba_num_heads=128, max_position_embeddings=8192)
-        batch, seq = 2, 4096
     compute = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    cfg = ModelConfig.from_hf(dict(base.RELEASED_MODEL_DEFAULTS, **fields), param_dtype="float32", dtype=compute,
-                              ssm_impl=ssm_impl, attention_impl=attention_impl)
+    cfg, batch, seq = step_model(smoke, param_dtype="float32", dtype=compute, ssm_impl=ssm_impl,
+                                 attention_impl=attention_impl)
     model = NemotronH(cfg)
     opt = base.get_config().optimizer
     optimizer, schedule = make_optimizer(opt, 1000), learning_rate_schedule(opt, 1000)

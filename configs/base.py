@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # stored parameters and optimizer state
     c.dtype = "bfloat16"  # matmul inputs
     c.remat = "full"  # none | full | dots (save matmul outputs, recompute the rest); full fits big models
+    c.scan_layers = True  # one lax.scan per repeated group of blocks: compile time stays flat with depth
     # auto: the fused kernels on accelerators (GPU: pallas SSD + cudnn; TPU: pallas SSD + splash), XLA on the
     # CPU (nemojax.config.AUTO_IMPLS). Explicit: xla | pallas (interpreted, so slow, on the CPU) for the SSD,
     # xla | cudnn (GPU flash attention) | splash (TPU flash attention) for attention.

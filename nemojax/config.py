@@ -2,7 +2,7 @@
 
 `ModelConfig.from_hf` reads any released `config.json` (old and new spellings) and validates it;
 `to_hf` writes the current spelling back. Runtime choices that are not part of the checkpoint
-(`param_dtype`, `dtype`, `remat`) live here too, so one object describes how a model is built.
+(`param_dtype`, `dtype`, `remat`, `scan_layers`, kernels) live here too, so one object describes how a model is built.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ LEGACY_NAMES = {
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "ssm_impl", "attention_impl")  # not part of config.json
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "ssm_impl", "attention_impl")  # not part of config.json
 SSM_IMPLS = ("auto", "xla", "pallas")  # the chunked SSD scan: nemojax/ops/ssd.py or pallas/ssd.py
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
 # What "auto" resolves to on each backend, (ssm_impl, attention_impl): the fused kernels on accelerators;
@@ -118,6 +118,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # rematerialise each block in the backward: none | full | dots (keep matmul outputs)
+    scan_layers: bool = False  # scan over repeated groups of blocks (nemojax/scan_layers.py): fast compiles
     ssm_impl: str = "auto"  # "pallas": the fused SSD kernels (interpreted on the CPU); auto: AUTO_IMPLS
     attention_impl: str = "auto"  # "cudnn" on GPUs, "splash" on TPUs; auto: AUTO_IMPLS
 
@@ -201,6 +202,8 @@ class ModelConfig:
                               ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {allowed}")
+        if not isinstance(self.scan_layers, bool):
+            _fail("scan_layers", self.scan_layers, "must be True or False")
         for name in ("param_dtype", "dtype", "mamba_ssm_cache_dtype"):
             if getattr(self, name) not in _SUPPORTED_DTYPES:
                 _fail(name, getattr(self, name), f"must be one of {_SUPPORTED_DTYPES}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -31,8 +32,9 @@ from tqdm import tqdm
 from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsCheckpoint, check_tensors
 from nemojax.checkpoint.hf import read_config, set_path
 from nemojax.checkpoint.hf_names import Entry, hf_table
-from nemojax.checkpoint.orbax_io import read_model_config
+from nemojax.checkpoint.orbax_io import read_model_config, restore_params_to_host, stored_params_tree
 from nemojax.config import ConfigError
+from nemojax.scan_layers import is_stacked, unstack_layers
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -218,10 +220,8 @@ def _restore_group(src: str, group: list[Entry]) -> dict:
     return restored["params"]
 
 
-def _stored_dtypes(src: str) -> dict[str, np.dtype]:
-    """{"layers_0/mixer/in_z": dtype, ...} from the Orbax checkpoint's metadata (no array is read)."""
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        tree = checkpointer.metadata(os.path.join(src, "params")).item_metadata.tree
+def _stored_dtypes(tree: dict) -> dict[str, np.dtype]:
+    """{"layers_0/mixer/in_z": dtype, ...} from a tree of array metadata or arrays."""
     flat = {}
 
     def walk(node, prefix):
@@ -246,7 +246,13 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
         raise CheckpointError(f"{src}: not a nemojax Orbax checkpoint (expected params/ and model/)")
     cfg = read_model_config(src)
     table = hf_table(cfg)
-    stored = _stored_dtypes(src)
+    tree = stored_params_tree(src)
+    if is_stacked(tree):  # a training checkpoint of a scan_layers model: read whole, then per layer
+        whole = unstack_layers(restore_params_to_host(src), cfg.hybrid_override_pattern)
+        tree, restore = whole, lambda group: whole
+    else:  # stream: one layer in memory at a time
+        restore = functools.partial(_restore_group, src)
+    stored = _stored_dtypes(tree)
     planned = []
     for entry in table:
         dtype = stored["/".join(entry.ours[0][0])]
@@ -256,7 +262,7 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
         done = 0
         with tqdm(total=writer.total, unit="B", unit_scale=True, desc="orbax-to-hf", file=sys.stderr) as bar:
             for group in layer_groups(table):
-                params = _restore_group(src, group)
+                params = restore(group)
                 for entry in group:
                     values = [_get_path(params, path) for path, _ in entry.ours]
                     for (path, shape), value in zip(entry.ours, values):

@@ -14,6 +14,7 @@ from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP
 from nemojax.layers.moe import MoE
 from nemojax.layers.norms import RMSNorm
+from nemojax.scan_layers import layer_runs
 from nemojax.sharding import constrain_activations
 
 
@@ -47,6 +48,36 @@ class Block(nn.Module):
         return x + y.astype(x.dtype)
 
 
+def block_class(cfg: ModelConfig, scanned: bool = False) -> type[Block]:
+    """Block, rematerialised in the backward pass when `cfg.remat` asks (inside a scan the loop already
+    keeps the recomputation apart, so common-subexpression elimination need not be prevented)."""
+    if cfg.remat == "none":
+        return Block
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+    return nn.remat(Block, policy=policy, prevent_cse=not scanned)
+
+
+class Period(nn.Module):
+    """One period of a repeating pattern (its blocks in order): the body of a layer scan."""
+
+    cfg: ModelConfig
+    kinds: str
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None) -> tuple[Float[Array, "b l d"], None]:
+        block = block_class(self.cfg, scanned=True)
+        for j, kind in enumerate(self.kinds):
+            x = constrain_activations(block(self.cfg, kind, name=f"block_{j}")(x, decoding))
+        return x, None
+
+
+def scanned_period(cfg: ModelConfig, kinds: str, repeats: int) -> type[nn.Module]:
+    """`Period` scanned `repeats` times, its parameters, caches and sown values stacked on axis 0."""
+    return nn.scan(Period, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                   split_rngs={"params": True}, in_axes=nn.broadcast, length=repeats,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class NemotronH(nn.Module):
     """Nemotron-H / Nano 2 / Nemotron 3 causal LM: int32 token ids [B, L] -> float32 logits [B, L, V].
 
@@ -64,11 +95,13 @@ class NemotronH(nn.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed = param(self, "embed", normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
                            ("vocab", "embed"), pdt)
-        block = Block
-        if cfg.remat != "none":  # recompute each block's activations in the backward pass
-            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-            block = nn.remat(Block, policy=policy)
-        self.layers = [block(cfg, kind) for kind in cfg.hybrid_override_pattern]
+        # Blocks are `layers_{i}`, or with cfg.scan_layers each repeated run is one `scan_{start}`.
+        self.runs = layer_runs(cfg.hybrid_override_pattern, cfg.scan_layers)
+        for run in self.runs:
+            if run.scanned:
+                setattr(self, run.key, scanned_period(cfg, run.period, run.repeats)(cfg, run.period))
+            else:
+                setattr(self, run.key, block_class(cfg)(cfg, run.period))
         self.norm_f = RMSNorm(cfg.layer_norm_epsilon, pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
@@ -76,8 +109,11 @@ class NemotronH(nn.Module):
 
     def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         x = constrain_activations(jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype)))
-        for block in self.layers:
-            x = constrain_activations(block(x, decoding))
+        for run in self.runs:
+            if run.scanned:
+                x, _ = getattr(self, run.key)(x, decoding)
+            else:
+                x = constrain_activations(getattr(self, run.key)(x, decoding))
         return self.norm_f(x)
 
     def head_weight(self) -> Float[Array, "d v"]:

@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("ssm_groups", "tensor"),
     ("experts", "expert"),
     ("moe_mlp", "tensor"),
+    ("layers", None),  # the stacked axis of scanned layer runs (nemojax/scan_layers.py): no pipeline stages
 )
 
 

@@ -21,3 +21,14 @@ def test_accelerator_benchmark_smoke_run(tmp_path):
     assert xla["ssm_impl"] == "xla -> xla" and kernels["ssm_impl"] == "pallas -> pallas"
     for row in (xla, kernels):
         assert row["step_s"] > 0 and row["compile_s"] > 0 and row["temp_gib"] is not None
+
+
+def test_hlo_profile_reads_the_step_exported_for_cuda():
+    from benchmarks import hlo_profile
+
+    kinds = hlo_profile.main(["--smoke"])
+    assert kinds["custom_call"]["count"] >= 8  # the Triton SSD kernels, forward and backward
+    assert kinds["dot_general"]["count"] > 0 and kinds["dot_general"]["bytes"] > 0
+    assert 0 < kinds["multiply"]["param_bytes"] <= kinds["multiply"]["bytes"]  # AdamW works on parameter shapes
+    assert hlo_profile.result_types("%3 = stablehlo.convert %2 : (tensor<4x8xf32>) -> tensor<4x8xbf16>") == [
+        ((4, 8), "bf16")]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import nemojax
+from benchmarks.common import CUSTOM_CALLS, export_text
 import pallas.ssd
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
@@ -147,25 +148,6 @@ def test_unknown_variant_is_rejected():
 # abstract device, which is also how the model picks its kernels for an ahead-of-time target. This runs JAX's
 # whole kernel lowering (block shapes, tiling rules, every op the kernels use); only the backend's final
 # compile, on the device, is left. (cuDNN attention cannot be lowered without cuDNN.)
-CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-TARGETS = {"tpu": dict(device_kind="TPU v5p", num_cores=1, platform="tpu"),
-           "cuda": dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")}
-
-
-def export_text(fn, args, platform: str) -> str:
-    """`fn(*args)` exported for `platform` under a one-device mesh with nemojax's axis names."""
-    from jax._src.mesh import AbstractDevice  # how JAX itself names a target device for AOT lowering
-
-    from nemojax.sharding import MESH_AXES
-
-    device = AbstractDevice(**TARGETS[platform]) if platform in TARGETS else None
-    unchecked = [jax.export.DisabledSafetyCheck.custom_call(call) for call in CUSTOM_CALLS.values()]
-    mesh = jax.sharding.AbstractMesh((1,) * len(MESH_AXES), MESH_AXES, abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=unchecked)(*args)
-    return exported.mlir_module()
-
-
 def lowered_text(fn, args, platform: str) -> str:
     """The forward and backward of `fn(args)`, exported for `platform`."""
     def forward_and_backward(args):

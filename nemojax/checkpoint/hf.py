@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from nemojax.checkpoint.hf_names import UNSUPPORTED_PREFIXES, Entry, hf_table
 from nemojax.config import ModelConfig
+from nemojax.scan_layers import to_layout
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -139,7 +140,8 @@ def load_hf(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """Read a Hub checkpoint directory into (ModelConfig, params) for `NemotronH(cfg).apply`.
 
     Parameters are stored in the checkpoint's dtype unless `param_dtype=` says otherwise; the
-    e_score_correction_bias buffers stay float32 as in transformers.
+    e_score_correction_bias buffers stay float32 as in transformers. With `scan_layers=True` the tree
+    comes in the scanned layout (nemojax/scan_layers.py).
     """
     cfg = read_config(path, **config_overrides)
     table = hf_table(cfg)
@@ -149,4 +151,4 @@ def load_hf(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
         for param_path, value in iter_params(ckpt, table):
             dtype = jnp.float32 if param_path[-1] == "e_score_correction_bias" else jnp.dtype(cfg.param_dtype)
             set_path(params, param_path, jnp.asarray(value, dtype=dtype))
-    return cfg, params
+    return cfg, to_layout(params, cfg.hybrid_override_pattern, cfg.scan_layers)

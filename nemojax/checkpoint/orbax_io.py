@@ -16,9 +16,11 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from nemojax.config import ModelConfig
+from nemojax.config import ConfigError, ModelConfig
+from nemojax.scan_layers import is_stacked, to_layout
 
 
 class _IteratorSnapshot:
@@ -63,6 +65,13 @@ class TrainCheckpoints:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, jax.Array, dict]:
         """(state with the given abstract state's structure and shardings, rng, iterator state)."""
+        step_dir = os.path.join(str(self.manager.directory), str(step))
+        stored_scanned = is_stacked(stored_params_tree(step_dir))
+        if stored_scanned != is_stacked(abstract_state.params):
+            raise ConfigError(f"config field `scan_layers` = {not stored_scanned}: checkpoint {step_dir} was "
+                              f"written with scan_layers={stored_scanned}; resume with --config.scan_layers="
+                              f"{stored_scanned} (the optimizer state keeps its layout), or start a new workdir "
+                              f"with --config.init_from={step_dir}")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
@@ -103,9 +112,30 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "model"))
 
 
+def stored_params_tree(path: str) -> dict:
+    """The `params` item's tree of array metadata (shape, dtype), read without reading an array."""
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.metadata(os.path.join(os.path.abspath(path), "params")).item_metadata.tree
+
+
+def restore_params_to_host(path: str) -> dict:
+    """The whole `params` item as numpy arrays, in the layout it was written in."""
+    to_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored_params_tree(path))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(item=to_numpy, restore_args=to_numpy)))
+    return restored["params"]
+
+
 def load_params(path: str, abstract_params: Any) -> Any:
     """The `params` item of an Orbax checkpoint, restored into `abstract_params`' shapes, dtypes and
-    shardings (a tree of `jax.ShapeDtypeStruct`s)."""
+    shardings (a tree of `jax.ShapeDtypeStruct`s). A checkpoint written with the other `scan_layers`
+    layout is read to the host and restacked (nemojax/scan_layers.py)."""
+    scanned = is_stacked(abstract_params)
+    if is_stacked(stored_params_tree(path)) != scanned:
+        pattern = read_model_config(path).hybrid_override_pattern
+        params = to_layout(restore_params_to_host(path), pattern, scanned)
+        return jax.tree.map(lambda v, a: jax.device_put(v.astype(a.dtype), a.sharding), params, abstract_params)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))

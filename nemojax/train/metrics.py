@@ -9,8 +9,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from nemojax.scan_layers import layer_name
 
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -19,6 +22,18 @@ PEAK_FLOPS = {
     "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H20": 148e12, "NVIDIA GH200": 989e12,
     "NVIDIA B200": 2250e12, "NVIDIA GB200": 2500e12, "NVIDIA A100": 312e12,
 }
+
+
+def expert_load_imbalance(counts: dict[str, Any], pattern: str) -> dict[str, float]:
+    """{layers_i: max / mean expert load} from the train step's counts (stacked for scanned runs)."""
+    out = {}
+    for block, count in counts.items():
+        count = np.asarray(count)
+        rows = [(block, count)] if count.ndim == 1 else [(layer_name(block, r, pattern), c) for r, c in
+                                                         enumerate(count)]
+        for layer, c in rows:
+            out[layer] = float(np.max(c) / max(np.mean(c), 1e-9))
+    return dict(sorted(out.items(), key=lambda item: int(item[0].removeprefix("layers_"))))
 
 
 def device_peak_flops(configured: float = 0.0) -> float | None:

@@ -28,15 +28,23 @@ class TrainState(NamedTuple):
 
 
 def _moe_stats(intermediates) -> tuple[dict, dict]:
-    """{layer name: expert token counts [E]} and {layer name: balance loss} from the sown values."""
+    """{MoE block: expert token counts} and {MoE block: balance loss} from the sown values. A block is
+    named by its parameter path ("layers_2", or "scan_0/block_5" whose values are stacked over the
+    run's repeats: counts [repeats, E])."""
     counts, balance = {}, {}
     for path, value in flax.traverse_util.flatten_dict(intermediates).items():
-        layer = path[0]
+        block = "/".join(path[:-2])
         if path[-1] == "expert_counts":
-            counts[layer] = value[0]
+            counts[block] = value[0]
         elif path[-1] == "balance_loss":
-            balance[layer] = value[0]
+            balance[block] = value[0]
     return counts, balance
+
+
+def _mean_over_layers(balance: dict) -> Float[Array, ""]:
+    if not balance:
+        return jnp.zeros((), f32)
+    return sum(jnp.sum(v) for v in balance.values()) / sum(v.size for v in balance.values())
 
 
 def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"],
@@ -48,7 +56,7 @@ def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bo
     micro_targets = jnp.sum(mask[:, 1:].astype(f32))
     lm_loss = lm_head_loss(hidden, head.astype(hidden.dtype), tokens, mask) * micro_targets / target_count
     counts, balance = _moe_stats(state.get("intermediates", {}))
-    balance_loss = sum(balance.values()) / max(len(balance), 1) if balance else jnp.zeros((), f32)
+    balance_loss = _mean_over_layers(balance)
     return lm_loss + aux_loss_coef * balance_loss, (lm_loss, balance_loss, counts)
 
 
@@ -56,13 +64,19 @@ def update_correction_biases(params, counts: dict, rate: float):
     """bias += rate * sign(mean load - load) for every MoE layer: under-used experts get picked more."""
     if not counts:
         return params
+
+    def update(tree: dict, path: list[str], count: jax.Array) -> dict:
+        if not path:
+            mixer = dict(tree["mixer"])
+            load = count.astype(f32)
+            mixer["e_score_correction_bias"] = mixer["e_score_correction_bias"] + rate * jnp.sign(
+                jnp.mean(load, axis=-1, keepdims=True) - load)
+            return {**tree, "mixer": mixer}
+        return {**tree, path[0]: update(tree[path[0]], path[1:], count)}
+
     params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else dict(params)
-    for layer, count in counts.items():
-        mixer = dict(params[layer]["mixer"])
-        load = count.astype(f32)
-        mixer["e_score_correction_bias"] = mixer["e_score_correction_bias"] + rate * jnp.sign(
-            jnp.mean(load) - load)
-        params[layer] = {**params[layer], "mixer": mixer}
+    for block, count in counts.items():
+        params = update(params, block.split("/"), count)
     return params
 
 

@@ -26,7 +26,7 @@ from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
 from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, logical_shardings, make_mesh, replicated
-from nemojax.train.metrics import MetricsWriter, device_peak_flops
+from nemojax.train.metrics import MetricsWriter, device_peak_flops, expert_load_imbalance
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
 from nemojax.train.step import TrainState, eval_step, train_step
 
@@ -158,7 +158,7 @@ class Trainer:
             check_same_architecture(source, read_model_config(source), self.cfg)
             return load_params(source, self.abstract_params)
         if os.path.isfile(os.path.join(source, "config.json")):
-            their_cfg, params = load_hf(source, param_dtype=self.cfg.param_dtype)
+            their_cfg, params = load_hf(source, param_dtype=self.cfg.param_dtype, scan_layers=self.cfg.scan_layers)
             check_same_architecture(source, their_cfg, self.cfg)
             return jax.device_put(params, self.param_shardings)
         raise FileNotFoundError(f"init_from {source!r}: neither an Orbax checkpoint (params/ and model/) nor an "
@@ -238,9 +238,8 @@ class Trainer:
                           "grad_norm": float(metrics["grad_norm"]), **rate}
                 if "expert_counts" in metrics:
                     record["balance_loss"] = float(metrics["balance_loss"])
-                    record["expert_load_max_over_mean"] = {
-                        layer: float(np.max(c) / max(np.mean(c), 1e-9)) for layer, c in
-                        sorted(metrics["expert_counts"].items())}
+                    record["expert_load_max_over_mean"] = expert_load_imbalance(
+                        metrics["expert_counts"], self.cfg.hybrid_override_pattern)
                 record.update(evals.pop(s, {}))
                 writer.write(s, record)
                 last = record
