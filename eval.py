@@ -5,7 +5,7 @@
     python eval.py --checkpoint WORKDIR/checkpoints/600 --tasks recall
     python eval.py --checkpoint CKPT --tasks generate --prompt "2+2=" [--nochat] [--max_thinking_tokens=512]
 
-Results are printed as a table and written as JSON to --output (default ./eval_results.json).
+Results are printed as a table, and written as JSON to --output when it is given.
 """
 
 from __future__ import annotations
@@ -44,8 +44,20 @@ _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "attention: xla,
                                       "(the backend's kernel, xla on the CPU)")
 _RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
 _RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
-_OUTPUT = flags.DEFINE_string("output", "eval_results.json", "where the results are written as JSON")
+_OUTPUT = flags.DEFINE_string("output", None, "where the results are written as JSON (default: printed only)")
 flags.mark_flags_as_required(["checkpoint", "tasks"])
+# Checked before the model loads, so a bad option costs no time. The library checks the same rules
+# (nemojax.scoring.Scorer, nemojax.generate.check_sampling) for API and lm-eval users.
+for _flag, _rule, _why in (
+        ("batch_size", lambda v: v >= 1, "must be >= 1"),
+        ("max_length", lambda v: v is None or v >= 2, "must be >= 2 (a context token and the token it scores)"),
+        ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
+        ("temperature", lambda v: v >= 0, "must be >= 0 (0 is greedy)"),
+        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("top_k", lambda v: v >= 0, "must be >= 0 (0 keeps every token)"),
+        ("recall_sequences", lambda v: v >= 1, "must be >= 1"),
+        ("recall_seq_len", lambda v: v is None or v >= 2, "must be >= 2")):
+    flags.register_validator(_flag, _rule, message=f"--{_flag} {_why}")
 
 
 def run_tasks() -> dict:
@@ -87,14 +99,17 @@ def run_tasks() -> dict:
 
 
 def _prompts() -> list[str]:
+    from nemojax.data.sources import DataError, utf8_lines
     from nemojax.evaluation import EvalError
 
     prompts = list(_PROMPT.value)
     if _PROMPTS_FILE.value:
         if not os.path.isfile(_PROMPTS_FILE.value):
             raise EvalError(f"--prompts_file {_PROMPTS_FILE.value!r}: no such file")
-        with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            prompts += [line.rstrip("\n") for _, line in utf8_lines(_PROMPTS_FILE.value) if line.strip()]
+        except DataError as e:
+            raise EvalError(f"--prompts_file {e}") from None
     if not prompts:
         raise EvalError("task generate: give prompts with --prompt or a non-empty --prompts_file")
     return prompts
@@ -139,8 +154,9 @@ def main(argv: list[str]) -> None:
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     print_table(results)
-    write_json(_OUTPUT.value, results)
-    print(f"results written to {_OUTPUT.value}")
+    if _OUTPUT.value:
+        write_json(_OUTPUT.value, results)
+        print(f"results written to {_OUTPUT.value}")
 
 
 if __name__ == "__main__":

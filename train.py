@@ -29,14 +29,35 @@ def main(argv: list[str]) -> None:
     from nemojax.config import ConfigError
     from nemojax.data.sources import DataError
     from nemojax.train.trainer import Preempted, Trainer, TrainingError
+    from nemojax.train.workdir import WorkdirError
 
     try:
         Trainer(_CONFIG.value, _WORKDIR.value).run()
     except Preempted:
         sys.exit(143)
-    except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, WorkdirError, FileNotFoundError) as e:
         # Bad input or a stopped run: the message names the field, file or step; a traceback adds nothing.
         print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a config override that names no field (`--config.totl_steps=5`) reported in
+    one line instead of ml_collections' traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except AttributeError as e:
+        import re
+
+        field = (re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(e)) or ["?"])[0]
+        hint = next(iter(re.findall(r'Did you mean "[^"]+"', str(e))), "")
+        hint = f"{hint}?" if hint else ""
+        override = next((a for a in argv if a.startswith("--config.") and f".{field}" in a.split("=")[0]), field)
+        print(f"train.py: error: {override}: the config has no field `{field}`" + (f" ({hint})" if hint else ""),
+              file=sys.stderr)
         sys.exit(1)
 
 
@@ -52,4 +73,4 @@ if __name__ == "__main__":
     from nemojax.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()  # before JAX starts: XLA:CPU's per-step scratch on huge pages
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

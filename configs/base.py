@@ -85,4 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 0  # 0: only at the end
     c.peak_flops_per_device = 0.0  # for MFU; 0: look the device kind up (unknown kinds: no MFU)
+    # Resuming checks the saved config: a change to the model, data, batch, seq_len, seed or optimizer is an
+    # error unless this is set (total_steps, logging, checkpointing, mesh and kernels may always change).
+    c.allow_config_change = False
     return c

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import functools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,9 +32,11 @@ from tqdm import tqdm
 from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsCheckpoint, check_tensors
 from nemojax.checkpoint.hf import read_config, set_path
 from nemojax.checkpoint.hf_names import Entry, hf_table
-from nemojax.checkpoint.orbax_io import read_model_config, restore_params_to_host, stored_params_tree
+from nemojax.checkpoint.orbax_io import latest_checkpoint, read_model_config, restore_params_to_host
+from nemojax.checkpoint.orbax_io import stored_params_tree
 from nemojax.config import ConfigError
 from nemojax.scan_layers import is_stacked, unstack_layers
+from nemojax.train.workdir import process_alive
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -47,13 +49,27 @@ _SAVE_BYTES = 64 * 2**20  # layers are written in batches of at least this many 
 
 @contextlib.contextmanager
 def staged_output(dst: str, force: bool) -> Iterator[str]:
-    """A temporary directory next to `dst`, renamed to `dst` when the block succeeds, removed if not."""
+    """A temporary directory next to `dst`, renamed to `dst` when the block succeeds, removed if not.
+
+    Leftovers of a conversion that was killed (`.DST.tmp-*` whose process is gone) are removed first; the
+    result gets the permissions a new directory would (0777 less the umask), not mkdtemp's 0700.
+    """
     dst = os.path.abspath(dst)
     if os.path.exists(dst) and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot create its directory ({e.strerror})") from None
+    _remove_stale_staging(parent, os.path.basename(dst))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot write in {parent} ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     old = None
     try:
         yield tmp
@@ -65,6 +81,18 @@ def staged_output(dst: str, force: bool) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old and os.path.exists(dst):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_staging(parent: str, name: str) -> None:
+    """Remove `.NAME.tmp-PID-*` directories whose converting process no longer runs."""
+    for entry in os.listdir(parent):
+        prefix = f".{name}.tmp-"
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-")[0]
+        if pid.isdigit() and process_alive(int(pid)):
+            continue  # another conversion to the same place is under way
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def layer_groups(table: list[Entry]) -> list[list[Entry]]:
@@ -234,6 +262,17 @@ def _stored_dtypes(tree: dict) -> dict[str, np.dtype]:
     return flat
 
 
+def _unreadable_is_an_error(src: str, what: str, read, *args):
+    """read(*args), with any failure of Orbax / tensorstore on a damaged checkpoint as one CheckpointError."""
+    try:
+        return read(*args)
+    except (CheckpointError, ConfigError):
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or missing files surface as many different errors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{src}: cannot read its {what} ({type(e).__name__}: {reason})") from None
+
+
 def _get_path(tree: dict, path: tuple[str, ...]) -> np.ndarray:
     for key in path:
         tree = tree[key]
@@ -241,17 +280,24 @@ def _get_path(tree: dict, path: tuple[str, ...]) -> np.ndarray:
 
 
 def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: bool = False) -> None:
-    src = os.path.abspath(src)
+    """An Orbax checkpoint (a step directory, or a training workdir / its checkpoints/ folder: the newest
+    step) -> an HF directory."""
+    resolved = latest_checkpoint(os.path.abspath(src))
+    if resolved != os.path.abspath(src):
+        print(f"nemojax-convert: using the newest step, {resolved}", file=sys.stderr)
+    src = resolved
     if not (os.path.isdir(os.path.join(src, "params")) and os.path.isdir(os.path.join(src, "model"))):
         raise CheckpointError(f"{src}: not a nemojax Orbax checkpoint (expected params/ and model/)")
-    cfg = read_model_config(src)
+    cfg = _unreadable_is_an_error(src, "model config", read_model_config, src)
     table = hf_table(cfg)
-    tree = stored_params_tree(src)
+    tree = _unreadable_is_an_error(src, "parameter metadata", stored_params_tree, src)
     if is_stacked(tree):  # a training checkpoint of a scan_layers model: read whole, then per layer
-        whole = unstack_layers(restore_params_to_host(src), cfg.hybrid_override_pattern)
+        whole = unstack_layers(_unreadable_is_an_error(src, "parameters", restore_params_to_host, src),
+                               cfg.hybrid_override_pattern)
         tree, restore = whole, lambda group: whole
     else:  # stream: one layer in memory at a time
-        restore = functools.partial(_restore_group, src)
+        restore = lambda group: _unreadable_is_an_error(  # noqa: E731
+            src, f"parameters {'/'.join(group[0].ours[0][0][:1])}", _restore_group, src, group)
     stored = _stored_dtypes(tree)
     planned = []
     for entry in table:
@@ -284,13 +330,17 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
 
 
 # ----- command line --------------------------------------------------------------------------------
-def _size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    upper = text.upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[:-len(unit)]) * factor)
-    return int(text)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "5GB", "5G", "500MB", "2GiB" or a plain count (decimal units, as transformers reads them)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB, 2GiB or a byte count, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     to_hf = commands.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF checkpoint directory")
     to_hf.add_argument("src")
     to_hf.add_argument("dst")
-    to_hf.add_argument("--max-shard-size", default="5GB", type=_size, help="e.g. 5GB, 500MB (default 5GB)")
+    to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
+                       help="e.g. 5GB, 5G, 500MB, 2GiB (default 5GB)")
     to_hf.add_argument("--force", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
     from absl import logging

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
 from nemojax.data.pipeline import synthetic_eval_batches
-from nemojax.data.sources import read_documents
+from nemojax.data.sources import DataError, read_documents, utf8_lines
 from nemojax.generate import generate
 from nemojax.model import NemotronH
 from nemojax.scoring import Scorer
@@ -147,11 +147,13 @@ def _read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise EvalError(f"data file {path!r}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    try:
+        for number, line in utf8_lines(path):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise EvalError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    except DataError as e:
+        raise EvalError(str(e)) from None
     return records

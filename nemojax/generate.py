@@ -61,6 +61,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
     """
     prompts = [list(map(int, p)) for p in prompts]
     _check(cfg, prompts, max_new_tokens)
+    check_sampling(cfg, temperature, top_k, top_p)
     stops = tuple(int(t) for t in (_eos_tokens(cfg) if stop_tokens is None else stop_tokens))
     if max_thinking_tokens is None:
         thinking = None
@@ -94,6 +95,17 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
 def _eos_tokens(cfg: ModelConfig) -> tuple[int, ...]:
     eos = cfg.eos_token_id
     return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def check_sampling(cfg: ModelConfig, temperature: float, top_k: int, top_p: float) -> None:
+    """The sampling options' ranges: a bad one would emit token 0 forever, sample the least likely tokens
+    or fail inside JAX."""
+    if not temperature >= 0:  # also NaN
+        raise GenerationError(f"temperature = {temperature}: must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"top_p = {top_p}: must be in (0, 1] (1 keeps every token)")
+    if not 0 <= top_k <= cfg.vocab_size:
+        raise GenerationError(f"top_k = {top_k}: must be in [0, vocab_size = {cfg.vocab_size}] (0 keeps every token)")
 
 
 def _check(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:

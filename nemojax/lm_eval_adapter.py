@@ -35,7 +35,7 @@ class NemojaxLM(LM):
         self.cfg, self.params, training = load_model(checkpoint, **runtime)
         self.tokenizer = for_checkpoint(checkpoint, tokenizer, training)
         batch = 8 if str(batch_size).startswith("auto") else int(batch_size)
-        self.scorer = Scorer(self.cfg, self.params, batch, int(max_length) if max_length else None)
+        self.scorer = Scorer(self.cfg, self.params, batch, int(max_length) if max_length is not None else None)
         self.prefix = prefix_token(self.cfg)
         self.max_gen_toks = int(max_gen_toks)
 

@@ -58,6 +58,11 @@ class Scorer:
     """Scores requests in batches of `batch_size` sequences of at most `max_length` tokens."""
 
     def __init__(self, cfg: ModelConfig, params: Any, batch_size: int = 8, max_length: int | None = None):
+        if batch_size < 1:
+            raise ScoringError(f"batch_size = {batch_size}: must be >= 1")
+        if max_length is not None and max_length < 2:
+            raise ScoringError(f"max_length = {max_length}: must be >= 2 (a window holds a context token and "
+                               "the token it scores)")
         self.cfg, self.params, self.batch_size = cfg, params, batch_size
         self.max_length = max_length or cfg.max_position_embeddings
 

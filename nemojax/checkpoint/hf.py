@@ -92,8 +92,13 @@ def read_config(path: str, **overrides: Any) -> ModelConfig:
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise CheckpointError(f"{config_file}: not found (is {path} a Hugging Face checkpoint directory?)")
-    with open(config_file) as f:
-        hf = json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, found {type(hf).__name__}")
     checkpoint_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     overrides.setdefault("param_dtype", checkpoint_dtype)
     overrides.setdefault("dtype", overrides["param_dtype"])

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nemojax.checkpoint.hf import CheckpointError, load_hf
-from nemojax.checkpoint.orbax_io import is_orbax_checkpoint, load_params, read_model_config
+from nemojax.checkpoint.orbax_io import is_orbax_checkpoint, latest_checkpoint, load_params, read_model_config
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
 
@@ -31,6 +31,7 @@ def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, Any, dict | None
     """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r}: no such file or directory")
+    path = latest_checkpoint(path)  # a training workdir or its checkpoints/ folder: the newest step
     if is_orbax_checkpoint(path):
         cfg = read_model_config(path, **runtime)
         return cfg, load_params(path, abstract_params(cfg)), _training_config(path)

@@ -51,6 +51,29 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """Committed steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def path(self, step: int) -> str:
+        return os.path.join(str(self.manager.directory), str(step))
+
+    def saved_config(self, step: int) -> dict:
+        """The training config a step was written with."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def move_aside(self, step: int) -> str:
+        """Move a step that cannot be restored to WORKDIR/corrupt_checkpoints/ (kept, never deleted)."""
+        aside = os.path.join(os.path.dirname(str(self.manager.directory)), "corrupt_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
+        os.rename(self.path(step), target)
+        self.manager.reload()
+        return target
+
     def save(self, step: int, state: Any, rng: jax.Array, iterator_state: dict, config: dict,
              cfg: ModelConfig) -> None:
         args = ocp.args.Composite(
@@ -65,7 +88,7 @@ class TrainCheckpoints:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, jax.Array, dict]:
         """(state with the given abstract state's structure and shardings, rng, iterator state)."""
-        step_dir = os.path.join(str(self.manager.directory), str(step))
+        step_dir = self.path(step)
         stored_scanned = is_stacked(stored_params_tree(step_dir))
         if stored_scanned != is_stacked(abstract_state.params):
             raise ConfigError(f"config field `scan_layers` = {not stored_scanned}: checkpoint {step_dir} was "
@@ -110,6 +133,19 @@ def read_model_config(path: str, **runtime: Any) -> ModelConfig:
 
 def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "model"))
+
+
+def latest_checkpoint(path: str) -> str:
+    """`path` itself when it is a checkpoint; for a training workdir or its `checkpoints/` folder, the
+    newest committed step in it; otherwise `path` unchanged (the caller reports what it is not)."""
+    if is_orbax_checkpoint(path):
+        return path
+    folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(folder):
+        return path
+    steps = [int(name) for name in os.listdir(folder)
+             if name.isdigit() and is_orbax_checkpoint(os.path.join(folder, name))]
+    return os.path.join(folder, str(max(steps))) if steps else path
 
 
 def stored_params_tree(path: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -33,23 +33,34 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
+def utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text with universal newlines) of a UTF-8 file; a byte that is not UTF-8 is an error
+    naming the file, line and column."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
+            yield number, line.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_documents(path: str, text_field: str) -> list[str]:
     """A .jsonl file gives one document per line (its `text_field`); any other file is one document."""
     if not path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [f.read()]
+        return ["".join(line for _, line in utf8_lines(path))]
     documents = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r}")
-            documents.append(record[text_field])
+    for number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r}")
+        documents.append(record[text_field])
     return documents
 
 
@@ -96,6 +107,17 @@ def open_token_file(path: str, dtype: str) -> np.ndarray:
     return array
 
 
+def check_token_range(tokens: np.ndarray, name: str, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Every token in [0, vocab_size), read in chunks (a memory map stays unread beyond one chunk), so a
+    bad file fails before the first step rather than when its window comes up."""
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        if part.size and (part.min() < 0 or part.max() >= vocab_size):
+            i = int(np.argmax((part < 0) | (part >= vocab_size)))
+            raise DataError(f"token file {name}: token {int(part[i])} at offset {start + i} is outside the "
+                            f"model's vocabulary [0, {vocab_size})")
+
+
 class TokenWindows:
     """grain random-access source: non-overlapping `seq_len` windows of token streams (one per file)."""
 
@@ -107,6 +129,8 @@ class TokenWindows:
         self.offsets = np.cumsum([0] + counts)
         if self.offsets[-1] == 0:
             raise DataError(f"data {', '.join(self.names)}: fewer than seq_len = {seq_len} tokens")
+        for stream, name in zip(self.streams, self.names):
+            check_token_range(stream, name, vocab_size)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -115,9 +139,6 @@ class TokenWindows:
         stream = int(np.searchsorted(self.offsets, index, side="right")) - 1
         start = (int(index) - int(self.offsets[stream])) * self.seq_len
         window = np.asarray(self.streams[stream][start:start + self.seq_len], np.int32)
-        if window.min() < 0 or window.max() >= self.vocab_size:
-            raise DataError(f"token file {self.names[stream]}: token {int(window.max())} at offset >= {start} "
-                            f"is outside the model's vocabulary [0, {self.vocab_size})")
         mask = np.ones(self.seq_len, bool)
         mask[1:] = window[:-1] != self.eos_id
         mask[0] = False

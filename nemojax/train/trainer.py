@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from nemojax.sharding import batch_sharding, logical_shardings, make_mesh, repli
 from nemojax.train.metrics import MetricsWriter, device_peak_flops, expert_load_imbalance
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
 from nemojax.train.step import TrainState, eval_step, train_step
+from nemojax.train.workdir import WorkdirLock
 
 # config.json fields that do not change a model's parameters or outputs (allowed to differ on init_from).
 _HARMLESS_FIELDS = {"architectures", "dtype", "max_position_embeddings", "bos_token_id", "eos_token_id",
@@ -53,6 +55,41 @@ def mirror_shardings(tree: Any, abstract_params: Any, default: Any) -> Any:
         return default
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+# Fields a resumed run may change freely: they do not change the trajectory (total_steps bends the
+# schedule, and is said).
+RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "init_from",
+                     "model_from_checkpoint", "mesh", "remat", "ssm_impl", "attention_impl", "peak_flops_per_device",
+                     "allow_config_change")
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """{field: (saved, now)} for every differing field, nested fields dotted; tuples compare as lists."""
+    import json
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(saved), flat(json.loads(json.dumps(config.to_dict())))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def check_resume_config(step: int, saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """Raise on a change that would alter the resumed trajectory (unless allowed); the changes to say."""
+    changes = config_changes(saved, config)
+    fixed = {k: v for k, v in changes.items() if k.split(".")[0] not in RESUMABLE_CHANGES}
+    if fixed and not config.allow_config_change:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in fixed.items())
+        raise ConfigError(f"resuming from step {step} with a different config ({listed}): use the checkpoint's "
+                          "values, a new workdir, or --config.allow_config_change=True")
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "allow_config_change"]
 
 
 class TrainingError(RuntimeError):
@@ -91,6 +128,15 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     for name in ("total_steps", "checkpoint_every", "log_every", "seq_len", "batch_size", "keep_checkpoints"):
         if config[name] <= 0:
             raise ConfigError(f"config field `{name}` = {config[name]}: must be positive")
+    if config.seq_len < 2:
+        raise ConfigError(f"config field `seq_len` = {config.seq_len}: must be >= 2 (a window needs an input "
+                          "token and a target)")
+
+
+def _say(text: str) -> None:
+    """One line on stderr from the first process (resuming, fallbacks, compiling)."""
+    if jax.process_index() == 0:
+        print(f"train.py: {text}", file=sys.stderr, flush=True)
 
 
 def abstract_train_state(model: NemotronH, optimizer, mesh) -> tuple[TrainState, TrainState]:
@@ -121,7 +167,8 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         _validate(config)
         self.config, self.workdir = config, workdir
-        os.makedirs(workdir, exist_ok=True)
+        # One run per workdir; the lock is released when run() ends (or by the next run if this one dies).
+        self.lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
         self.cfg = model_config(config)
         self.model = NemotronH(self.cfg)
         self.mesh = make_mesh(config.mesh)
@@ -165,11 +212,28 @@ class Trainer:
                                 "HF checkpoint directory (config.json + safetensors)")
 
     def _start(self) -> tuple[TrainState, jax.Array]:
-        latest = self.checkpoints.latest_step()
-        if latest is not None:
-            state, rng, iterator_state = self.checkpoints.restore(latest, self.abstract)
+        """Resume from the newest checkpoint that restores (the ones that do not are moved aside), else
+        start from init_from or a fresh initialisation."""
+        moved = []
+        for step in self.checkpoints.steps():
+            try:
+                changes = check_resume_config(step, self.checkpoints.saved_config(step), self.config)
+                state, rng, iterator_state = self.checkpoints.restore(step, self.abstract)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous one
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                moved.append(self.checkpoints.move_aside(step))
+                _say(f"checkpoint {self.checkpoints.path(step)} cannot be restored ({type(e).__name__}: {reason}); "
+                     f"moved it to {moved[-1]}")
+                continue
             self.iterator.set_state(iterator_state)
+            _say(f"resuming from step {step} (checkpoint {self.checkpoints.path(step)})"
+                 + (f"; changed: {', '.join(changes)}" if changes else ""))
             return state, rng
+        if moved:
+            raise TrainingError(f"no checkpoint in {self.workdir}/checkpoints restores; moved aside: "
+                                f"{', '.join(moved)}. Rerun to start from step 0")
         params = self._initial_params()
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return TrainState(step, params, self._init_opt(params)), jax.random.key(self.config.seed)
@@ -212,6 +276,8 @@ class Trainer:
         pending: list[tuple[int, dict]] = []
         last: dict[str, Any] = {}
         timer = (None, start)  # (time, step) of the last synchronisation after the first compiled step
+        _say(f"compiling the train step ({self.cfg.num_hidden_layers} layers, {config.batch_size} x "
+             f"{config.seq_len} tokens per step) ...")
 
         def flush(step: int) -> None:
             """Fetch pending metrics, refuse non-finite losses, and write the logged steps."""
@@ -219,7 +285,7 @@ class Trainer:
             fetched = jax.device_get(pending)
             pending.clear()
             now = time.perf_counter()
-            rate = {}
+            rate, measured_after = {}, timer[1]  # steps after `measured_after` were timed without compiling
             if timer[0] is not None and step > timer[1]:
                 seconds = (now - timer[0]) / (step - timer[1])
                 rate = {"tokens_per_second": tokens_per_step / seconds,
@@ -235,7 +301,7 @@ class Trainer:
                 if s % config.log_every and s not in (1, config.total_steps) and s not in evals:
                     continue
                 record = {"loss": loss, "learning_rate": float(metrics["learning_rate"]),
-                          "grad_norm": float(metrics["grad_norm"]), **rate}
+                          "grad_norm": float(metrics["grad_norm"]), **(rate if s > measured_after else {})}
                 if "expert_counts" in metrics:
                     record["balance_loss"] = float(metrics["balance_loss"])
                     record["expert_load_max_over_mean"] = expert_load_imbalance(
@@ -277,4 +343,6 @@ class Trainer:
             self.checkpoints.close()
             writer.close()
             signal.signal(signal.SIGTERM, previous_handler)
+            if self.lock:
+                self.lock.release()
         return {"state": state, "last": last}
