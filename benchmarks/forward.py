@@ -25,7 +25,7 @@ import nemojax  # noqa: E402
 from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E402
 from nemojax.flops import forward_flops  # noqa: E402
 from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
-from nemojax.train.loss import model_loss  # noqa: E402
+from nemojax.loss import lm_head_loss  # noqa: E402
 
 from configs import small  # noqa: E402
 
@@ -60,7 +60,11 @@ def main() -> None:
     model = nemojax.NemotronH(cfg)
     ids = jnp.asarray(ids_np)
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    grad = jax.jit(jax.value_and_grad(lambda p, x: model_loss(model, p, x)))  # the training loss
+    def training_loss(p, x):  # hidden states through the fused LM-head cross-entropy, as train_step does
+        hidden = model.apply({"params": p}, x, method="hidden")
+        return lm_head_loss(hidden, model.apply({"params": p}, method="head_weight").astype(hidden.dtype), x)
+
+    grad = jax.jit(jax.value_and_grad(training_loss))
     results = {
         "nemojax forward": median_seconds(lambda: fwd(params, ids).block_until_ready(), args.repeats),
         "nemojax forward+backward": median_seconds(

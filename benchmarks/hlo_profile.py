@@ -65,9 +65,8 @@ def profile(text: str, param_shapes: set[tuple[int, ...]]) -> dict[str, dict]:
 
 
 def step_text(smoke: bool, grad_accum_steps: int = 1) -> tuple[str, dict]:
-    import flax.linen as nn
-
     from configs import base
+    from nemojax.checkpoint.loading import abstract_params
     from nemojax.model import NemotronH
     from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
     from nemojax.train.step import TrainState, train_step
@@ -77,7 +76,7 @@ def step_text(smoke: bool, grad_accum_steps: int = 1) -> tuple[str, dict]:
     model = NemotronH(cfg)
     opt = base.get_config().optimizer
     optimizer, schedule = make_optimizer(opt, 1000), learning_rate_schedule(opt, 1000)
-    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    params = abstract_params(cfg)
     state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     data = {"tokens": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
             "mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_)}

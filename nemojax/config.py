@@ -74,11 +74,11 @@ class ModelConfig:
     num_attention_heads: int = 32
     num_key_value_heads: int = 8
     head_dim: int = 128
-    attention_bias: bool = False
+    attention_bias: bool = False  # read but unused, as in transformers: q/k/v/o have no bias
     # MLP.
     intermediate_size: int = 21504
     mlp_hidden_act: str = "relu2"
-    mlp_bias: bool = False
+    mlp_bias: bool = False  # biases on the MLP / shared expert up/down and the LatentMoE projections
     # Mamba-2.
     mamba_num_heads: int = 128
     mamba_head_dim: int = 64
@@ -89,8 +89,8 @@ class ModelConfig:
     chunk_size: int = 128
     mamba_hidden_act: str = "silu"
     use_conv_bias: bool = True
-    use_bias: bool = False
-    mamba_proj_bias: bool = False
+    use_bias: bool = False  # biases on the Mamba in_proj and out_proj
+    mamba_proj_bias: bool = False  # read but unused, as in transformers (use_bias decides)
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
@@ -188,9 +188,9 @@ class ModelConfig:
             _fail("mlp_hidden_act", self.mlp_hidden_act, "only 'relu2' (squared ReLU) is supported")
         if self.mamba_hidden_act != "silu":
             _fail("mamba_hidden_act", self.mamba_hidden_act, "only 'silu' is supported")
-        for name in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias"):
-            if getattr(self, name):
-                _fail(name, True, "biases on projections are not supported (no released checkpoint uses them)")
+        for name in ("attention_bias", "mlp_bias", "use_bias", "mamba_proj_bias", "use_conv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
         if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
             _fail("time_step_limit", self.time_step_limit, "must be a pair (low, high) with low <= high")
         if not 0 < self.time_step_min <= self.time_step_max:

@@ -13,15 +13,12 @@ Only safetensors are read, never pickles.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -29,70 +26,28 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 from tqdm import tqdm
 
-from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsCheckpoint, check_tensors
-from nemojax.checkpoint.hf import read_config, set_path
-from nemojax.checkpoint.hf_names import Entry, hf_table
-from nemojax.checkpoint.orbax_io import latest_checkpoint, read_model_config, restore_params_to_host
-from nemojax.checkpoint.orbax_io import stored_params_tree
+from nemojax.blocks import hf_table
+from nemojax.checkpoint.hf import (
+    EMBEDDINGS,
+    TIED_HEAD,
+    CheckpointError,
+    SafetensorsCheckpoint,
+    check_tensors,
+    read_config,
+    set_path,
+)
+from nemojax.checkpoint.hf_names import Entry
+from nemojax.checkpoint.loading import checkpoint_format
+from nemojax.checkpoint.orbax_io import latest_checkpoint, read_model_config, restore_params_to_host, stored_params_tree
+from nemojax.checkpoint.writing import SAFETENSORS_DTYPES, StreamingShards, staged_output
 from nemojax.config import ConfigError
 from nemojax.scan_layers import is_stacked, unstack_layers
-from nemojax.train.workdir import process_alive
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).
 ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                "chat_template.jinja", "tokenizer.model")
-SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
-                      "F16": np.dtype(np.float16)}
 _ALWAYS_FP32 = ("e_score_correction_bias",)  # a buffer transformers keeps in float32
 _SAVE_BYTES = 64 * 2**20  # layers are written in batches of at least this many bytes
-
-
-@contextlib.contextmanager
-def staged_output(dst: str, force: bool) -> Iterator[str]:
-    """A temporary directory next to `dst`, renamed to `dst` when the block succeeds, removed if not.
-
-    Leftovers of a conversion that was killed (`.DST.tmp-*` whose process is gone) are removed first; the
-    result gets the permissions a new directory would (0777 less the umask), not mkdtemp's 0700.
-    """
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to replace it")
-    parent = os.path.dirname(dst)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{dst}: cannot create its directory ({e.strerror})") from None
-    _remove_stale_staging(parent, os.path.basename(dst))
-    try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-{os.getpid()}-", dir=parent)
-    except OSError as e:
-        raise CheckpointError(f"{dst}: cannot write in {parent} ({e.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    old = None
-    try:
-        yield tmp
-        if os.path.exists(dst):  # --force: the old one is moved aside, deleted only once the new one is in place
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, "previous"))
-        os.rename(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old and os.path.exists(dst):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_staging(parent: str, name: str) -> None:
-    """Remove `.NAME.tmp-PID-*` directories whose converting process no longer runs."""
-    for entry in os.listdir(parent):
-        prefix = f".{name}.tmp-"
-        if not entry.startswith(prefix):
-            continue
-        pid = entry[len(prefix):].split("-")[0]
-        if pid.isdigit() and process_alive(int(pid)):
-            continue  # another conversion to the same place is under way
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def layer_groups(table: list[Entry]) -> list[list[Entry]]:
@@ -138,7 +93,7 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
     table = hf_table(cfg)
     target = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
     with staged_output(dst, force) as out, SafetensorsCheckpoint(src) as ckpt:
-        check_tensors(ckpt, table)
+        check_tensors(ckpt, table, cfg.tie_word_embeddings)
         check_dtypes(ckpt, table)
         staging = os.path.join(out, "staging")
         total = sum(_entry_bytes(e, SAFETENSORS_DTYPES[ckpt.dtype(e.hf[0][0])].itemsize) for e in table)
@@ -174,69 +129,6 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, force: bool = Fals
 
 
 # ----- Orbax -> HF ---------------------------------------------------------------------------------
-class StreamingShards:
-    """Writes safetensors shards tensor by tensor: every shard's header (names, dtypes, shapes, offsets) is
-    planned from the name table before any data, so no shard is ever held in memory. Shards are named like
-    transformers' (`model-00001-of-00003.safetensors`, with an index) or `model.safetensors` when one."""
-
-    def __init__(self, directory: str, tensors: list[tuple[str, np.dtype, tuple[int, ...]]], max_bytes: int):
-        self.shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
-        size = 0
-        for name, dtype, shape in tensors:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if self.shards[-1] and size + nbytes > max_bytes:
-                self.shards.append([])
-                size = 0
-            self.shards[-1].append((name, dtype, shape))
-            size += nbytes
-        count = len(self.shards)
-        self.names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-                                                       for i in range(count)]
-        self.directory = directory
-        self.order = [(i, name, dtype, shape) for i, shard in enumerate(self.shards) for name, dtype, shape in shard]
-        self.position = 0
-        self.file = None
-        self.total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, d, s in tensors)
-
-    def _open(self, index: int) -> None:
-        if self.file:
-            self.file.close()
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape in self.shards[index]:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            header[name] = {"dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self.file = open(os.path.join(self.directory, self.names[index]), "wb")
-        self.file.write(len(encoded).to_bytes(8, "little") + encoded)
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        index, planned, dtype, shape = self.order[self.position]
-        if (name, np.dtype(array.dtype), tuple(array.shape)) != (planned, dtype, tuple(shape)):
-            raise CheckpointError(f"tensor {name} {array.dtype}{list(array.shape)} does not match the planned "
-                                  f"{planned} {dtype}{list(shape)}")
-        if self.position == 0 or self.order[self.position - 1][0] != index:
-            self._open(index)
-        np.ascontiguousarray(array).tofile(self.file)  # raw bytes, without another copy
-        self.position += 1
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.position != len(self.order):
-            raise CheckpointError(f"{self.position} of {len(self.order)} planned tensors were written")
-        if len(self.names) > 1:
-            weight_map = {name: self.names[i] for i, name, _, _ in self.order}
-            with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
-
-
-_SAFETENSORS_CODE = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-
-
 def _restore_group(src: str, group: list[Entry]) -> dict:
     item: dict = {}
     for entry in group:
@@ -286,7 +178,7 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
     if resolved != os.path.abspath(src):
         print(f"nemojax-convert: using the newest step, {resolved}", file=sys.stderr)
     src = resolved
-    if not (os.path.isdir(os.path.join(src, "params")) and os.path.isdir(os.path.join(src, "model"))):
+    if checkpoint_format(src) != "orbax":
         raise CheckpointError(f"{src}: not a nemojax Orbax checkpoint (expected params/ and model/)")
     cfg = _unreadable_is_an_error(src, "model config", read_model_config, src)
     table = hf_table(cfg)
@@ -299,10 +191,13 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
         restore = lambda group: _unreadable_is_an_error(  # noqa: E731
             src, f"parameters {'/'.join(group[0].ours[0][0][:1])}", _restore_group, src, group)
     stored = _stored_dtypes(tree)
+    # With tied embeddings transformers still reads (and writes) a separate head: it gets the embedding.
+    tied_head = {EMBEDDINGS: TIED_HEAD} if cfg.tie_word_embeddings else {}
     planned = []
     for entry in table:
         dtype = stored["/".join(entry.ours[0][0])]
-        planned += [(name, dtype, tuple(shape)) for name, shape in entry.hf]
+        planned += [(copy, dtype, tuple(shape)) for name, shape in entry.hf
+                    for copy in (name, *([tied_head[name]] if name in tied_head else []))]
     with staged_output(dst, force) as out:
         writer = StreamingShards(out, planned, max_shard_bytes)
         done = 0
@@ -316,9 +211,10 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
                             raise CheckpointError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
                                                   f"its config says {shape}")
                     for (name, _), tensor in zip(entry.hf, entry.to_hf(values)):
-                        writer.write(name, tensor)
-                        bar.update(tensor.nbytes)
-                        done += 1
+                        for copy in (name, *([tied_head[name]] if name in tied_head else [])):
+                            writer.write(copy, tensor)
+                            bar.update(tensor.nbytes)
+                            done += 1
                     bar.set_postfix(tensors=f"{done}/{len(planned)}", refresh=False)
                 del params
                 release_freed_memory()

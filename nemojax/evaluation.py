@@ -3,6 +3,7 @@ numbers (or texts) ready to print and write as JSON."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,10 +16,10 @@ from nemojax.config import ModelConfig
 from nemojax.data.pipeline import synthetic_eval_batches
 from nemojax.data.sources import DataError, read_documents, utf8_lines
 from nemojax.generate import generate
+from nemojax.loss import eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.scoring import Scorer
 from nemojax.tokenizer import Tokenizer
-from nemojax.train.step import eval_step
 
 
 class EvalError(ValueError):
@@ -103,12 +104,9 @@ def recall(cfg: ModelConfig, params: Any, sequences: int, seq_len: int, shuffle_
     """Next-token loss and recall accuracy on held-out sequences of the synthetic default run."""
     if cfg.vocab_size < 256:
         raise EvalError(f"the recall task is byte-level: needs vocab_size >= 256, the model has {cfg.vocab_size}")
-    model = NemotronH(cfg)
-    step = jax.jit(lambda p, batch: eval_step(model, p, batch))
-    totals: dict[str, float] = {}
-    for batch in synthetic_eval_batches(shuffle_seed, seq_len, sequences, batch_size):
-        for k, v in jax.device_get(step(params, {k: jnp.asarray(v) for k, v in batch.items()})).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+    step = jax.jit(functools.partial(eval_sums, NemotronH(cfg)))
+    totals = eval_totals(step(params, {k: jnp.asarray(v) for k, v in batch.items()})
+                         for batch in synthetic_eval_batches(shuffle_seed, seq_len, sequences, batch_size))
     return {"sequences": sequences, "loss": totals["nll_sum"] / totals["targets"],
             "recall_accuracy": totals["recall_hits"] / totals["recall_count"],
             "recalled_digits": int(totals["recall_count"])}

@@ -19,6 +19,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
+from nemojax.padding import bucket_length
+from nemojax.tokenizer import ThinkingTokens
 
 PAD = -1  # marks the steps after a row stopped
 
@@ -35,16 +37,6 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ThinkingTokens:
-    """Token ids that delimit a thought, and every id whose text contains a newline (from a tokenizer:
-    `nemojax.tokenizer.Tokenizer.thinking_tokens`). Nemotron 3 Nano / Super use <think> = 12, </think> = 13."""
-
-    start: int
-    end: int
-    newlines: tuple[int, ...]
 
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -123,11 +115,6 @@ def _check(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> N
         bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-
-
-def bucket_length(length: int) -> int:
-    """Prompt batches are padded to a few lengths, so similar batches share one compilation."""
-    return max(16, 1 << (length - 1).bit_length()) if length <= 256 else -(-length // 256) * 256
 
 
 def _open_thought(prompt: list[int], thinking: ThinkingTokens) -> bool:

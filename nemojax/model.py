@@ -7,31 +7,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from nemojax.blocks import KINDS
 from nemojax.config import ModelConfig
-from nemojax.layers.attention import Attention
 from nemojax.layers.common import Decoding, normal, param
-from nemojax.layers.mamba2 import Mamba2Mixer
-from nemojax.layers.mlp import MLP
-from nemojax.layers.moe import MoE
 from nemojax.layers.norms import RMSNorm
 from nemojax.scan_layers import layer_runs
 from nemojax.sharding import constrain_activations
-
-
-STATEFUL = "M*"  # block kinds that keep a cache when decoding
-
-
-def make_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
-    """The mixer of one block, by pattern character."""
-    if kind == "M":
-        return Mamba2Mixer(cfg, name="mixer")
-    if kind == "*":
-        return Attention(cfg, name="mixer")
-    if kind == "-":
-        return MLP(cfg, cfg.intermediate_size, name="mixer")
-    if kind == "E":
-        return MoE(cfg, name="mixer")
-    raise ValueError(f"unknown block kind {kind!r}")
 
 
 class Block(nn.Module):
@@ -43,8 +24,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
         normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
-        mixer = make_mixer(self.cfg, self.kind)
-        y = mixer(normed, decoding) if self.kind in STATEFUL else mixer(normed)
+        kind = KINDS[self.kind]
+        mixer = kind.mixer(self.cfg)
+        y = mixer(normed, decoding) if kind.cached else mixer(normed)
         return x + y.astype(x.dtype)
 
 
@@ -82,7 +64,7 @@ class NemotronH(nn.Module):
     """Nemotron-H / Nano 2 / Nemotron 3 causal LM: int32 token ids [B, L] -> float32 logits [B, L, V].
 
     `apply(..., method="hidden")` returns the final-norm hidden states instead, and `head_weight` the
-    [embed, vocab] LM head, so a loss can fuse the head with the cross-entropy (`train.loss`).
+    [embed, vocab] LM head, so a loss can fuse the head with the cross-entropy (`nemojax.loss`).
     `prefill` and `decode` are cached inference (`nemojax.generate`): apply them with
     `mutable=["cache"]`; the "cache" collection holds each Mamba layer's conv and SSM states and each
     attention layer's keys and values.

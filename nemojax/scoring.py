@@ -18,8 +18,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from nemojax.config import ModelConfig
-from nemojax.generate import bucket_length
+from nemojax.loss import token_logprobs
 from nemojax.model import NemotronH
+from nemojax.padding import bucket_length
 
 f32 = jnp.float32
 
@@ -33,25 +34,8 @@ def token_scores(cfg: ModelConfig, params: Any, tokens: Int[Array, "b l"]
                  ) -> tuple[Float[Array, "b l-1"], Bool[Array, "b l-1"]]:
     """log p(tokens[:, t+1] | tokens[:, :t+1]) and whether that token was the argmax, for every t."""
     model = NemotronH(cfg)
-    hidden = model.apply({"params": params}, tokens, method="hidden")[:, :-1]
-    head = model.apply({"params": params}, method="head_weight").astype(hidden.dtype)
-    b, length, d = hidden.shape
-    per_chunk = max(1, min(b * length, 2**24 // head.shape[1]))
-    flat_h = hidden.reshape(-1, d)
-    flat_t = tokens[:, 1:].reshape(-1)
-    pad = -flat_h.shape[0] % per_chunk
-    chunks = (jnp.pad(flat_h, [(0, pad), (0, 0)]).reshape(-1, per_chunk, d),
-              jnp.pad(flat_t, [(0, pad)]).reshape(-1, per_chunk))
-
-    def score(chunk):
-        h, targets = chunk
-        logits = jnp.einsum("td,dv->tv", h, head, preferred_element_type=f32)
-        target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-        return target_logit - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
-
-    logprobs, greedy = jax.lax.map(score, chunks)
-    return (logprobs.reshape(-1)[:b * length].reshape(b, length),
-            greedy.reshape(-1)[:b * length].reshape(b, length))
+    hidden = model.apply({"params": params}, tokens, method="hidden")
+    return token_logprobs(hidden, model.apply({"params": params}, method="head_weight"), tokens)
 
 
 class Scorer:

@@ -6,11 +6,21 @@ tokenizer_config.json or chat_template.jinja next to tokenizer.json) is rendered
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
 
-from nemojax.generate import ThinkingTokens
+
+@dataclasses.dataclass(frozen=True)
+class ThinkingTokens:
+    """Token ids that delimit a thought, and every id whose text contains a newline (from a tokenizer:
+    `Tokenizer.thinking_tokens`). Nemotron 3 Nano / Super use <think> = 12, </think> = 13."""
+
+    start: int
+    end: int
+    newlines: tuple[int, ...]
+
 
 BYTES = "bytes"
 

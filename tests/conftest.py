@@ -37,6 +37,11 @@ MODELS = {
     "moe": dict(BASE, **MOE, hybrid_override_pattern="MEM*E"),
     "latent_moe": dict(BASE, **dict(MOE, n_group=1, norm_topk_prob=False), moe_latent_size=18,
                        hybrid_override_pattern="ME*E"),
+    # Every projection bias transformers implements (Mamba in/out, MLP, shared expert, LatentMoE), and the
+    # two bias fields it reads but does not use; a tied LM head.
+    "biases": dict(BASE, **dict(MOE, n_group=1), moe_latent_size=18, use_bias=True, mlp_bias=True,
+                   attention_bias=True, mamba_proj_bias=True, hybrid_override_pattern="M-*E"),
+    "tied": dict(BASE, tie_word_embeddings=True, hybrid_override_pattern="M*-"),
 }
 
 
@@ -59,6 +64,8 @@ def build_hf_model(kind: str, seed: int = 0):
         for name, buf in model.named_buffers():
             if buf.is_floating_point():
                 buf.add_(torch.randn_like(buf) * 0.05)
+        if cfg.tie_word_embeddings:  # transformers keeps (and saves) a separate head: make it the embedding
+            model.lm_head.weight.copy_(model.model.embeddings.weight)
     return model
 
 

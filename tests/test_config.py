@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from nemojax.checkpoint.hf_names import hf_table
+from nemojax.blocks import hf_table
 from nemojax.config import ConfigError, ModelConfig
 
 FIXTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "fixtures", "configs", "*.json")))

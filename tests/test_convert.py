@@ -23,7 +23,7 @@ def tensors(path):
         return {name: ckpt.read(name) for name in ckpt.names()}
 
 
-@pytest.mark.parametrize("kind", ["moe", "latent_moe"])
+@pytest.mark.parametrize("kind", ["moe", "latent_moe", "biases", "tied"])
 def test_round_trip_is_bit_identical_and_transformers_reads_it(tmp_path, hf_checkpoints, kind):
     from transformers import AutoModelForCausalLM
 
@@ -140,7 +140,7 @@ def write_random_checkpoint(path, cfg_fields, shards):
     """A Hub-layout checkpoint of random fp32 tensors, in `shards` files with an index."""
     from safetensors.numpy import save_file
 
-    from nemojax.checkpoint.hf_names import hf_table
+    from nemojax.blocks import hf_table
     from nemojax.config import ModelConfig
 
     cfg = ModelConfig.from_hf(cfg_fields)

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import VOCAB
 from nemojax import ModelConfig, NemotronH, generate, load_hf
-from nemojax.generate import GenerationError, Sampling, ThinkingTokens, sample
+from nemojax.generate import GenerationError, Sampling, sample
+from nemojax.tokenizer import ThinkingTokens
 
 PROMPT_LENGTHS = (5, 11, 2, 17)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nemojax
-from nemojax.checkpoint.hf_names import hf_table
+from nemojax.blocks import hf_table
 from nemojax.layers.norms import gated_group_rms_norm, rms_normalize
 from nemojax.ops.grouped_matmul import BLOCK, grouped_matmul
 from tests.conftest import MODELS

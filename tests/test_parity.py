@@ -10,8 +10,8 @@ import torch
 
 import nemojax
 from nemojax.checkpoint.hf import SafetensorsCheckpoint
-from nemojax.checkpoint.hf_names import hf_table
-from nemojax.train.loss import model_loss, next_token_loss
+from nemojax.blocks import hf_table
+from tests.reference import model_loss, next_token_loss
 
 
 def rel(a, b) -> float:
@@ -33,6 +33,8 @@ def torch_loss_and_grads(model, ids: np.ndarray):
                 grads[hub.replace(".experts.", f".experts.{e}.") + ".weight"] = g[e]
         else:
             grads[hub] = g
+    if model.config.tie_word_embeddings:  # one weight in nemojax: its gradient is the sum of both uses
+        grads["backbone.embeddings.weight"] = grads["backbone.embeddings.weight"] + grads.pop("lm_head.weight")
     return out.logits.detach().numpy(), out.loss.item(), grads
 
 
@@ -51,10 +53,17 @@ def get(tree, path):
     return np.asarray(tree)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "latent_moe"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "latent_moe", "biases", "tied"])
 def test_logits_loss_and_gradients_match_transformers(kind, hf_checkpoints, token_batch):
     model, path = hf_checkpoints(kind)
     cfg, params = nemojax.load_hf(path)
+    if kind == "tied":  # the installed transformers writes the tied head too; it loads as the embedding
+        with SafetensorsCheckpoint(path) as ckpt:
+            assert "lm_head.weight" in ckpt.names()
+        assert "lm_head" not in params
+    if kind == "biases":
+        assert params["layers_0"]["mixer"]["in_dt_bias"].shape == (cfg.mamba_num_heads,)
+        assert {"up_proj_bias", "down_proj_bias"} <= set(params["layers_1"]["mixer"])
     assert cfg.hybrid_override_pattern == model.config.hybrid_override_pattern
     ref_logits, ref_loss, ref_grads = torch_loss_and_grads(model, token_batch)
     logits, loss, grads = jax_loss_and_grads(cfg, params, jnp.asarray(token_batch))
@@ -79,6 +88,21 @@ def test_logits_loss_and_gradients_match_transformers(kind, hf_checkpoints, toke
                 assert rel(got, want) < 1e-4, (param_path, rel(got, want))
             checked += 1
     assert checked == len(jax.tree.leaves(params)) - cfg.hybrid_override_pattern.count("E")
+
+
+def test_a_tied_head_that_differs_from_the_embedding_is_named(hf_checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, path = hf_checkpoints("tied")
+    shutil.copytree(path, tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(nemojax.checkpoint.hf.CheckpointError,
+                       match="tie_word_embeddings=true, but lm_head.weight .* differs from backbone.embeddings"):
+        nemojax.load_hf(str(tmp_path / "ckpt"))
 
 
 def test_sharded_checkpoint(hf_checkpoints, token_batch):

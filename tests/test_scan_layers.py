@@ -86,7 +86,7 @@ def test_init_gives_the_stacked_layout_with_a_layers_axis(params):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_model_equals_the_unrolled_one(params, remat):
-    from nemojax.train.loss import model_loss
+    from tests.reference import model_loss
 
     plain, scanned = (NemotronH(dataclasses.replace(c, remat=remat)) for c in (CFG, SCANNED))
     stacked = stack_layers(params, PATTERN)
@@ -189,7 +189,7 @@ def test_lowered_train_step_does_not_grow_with_depth():
     """Two and six repeats of a period lower to programs of nearly the same size when scanned; unrolled,
     the deeper one is about three times larger."""
     from nemojax.checkpoint.loading import abstract_params
-    from nemojax.train.loss import model_loss
+    from tests.reference import model_loss
 
     def text_size(pattern: str, scan: bool) -> int:
         cfg = dataclasses.replace(CFG, hybrid_override_pattern=pattern, scan_layers=scan)

@@ -221,7 +221,7 @@ def test_remat_does_not_change_gradients(micro_setup, remat):
     import dataclasses
 
     from nemojax.model import NemotronH
-    from nemojax.train.loss import model_loss
+    from tests.reference import model_loss
 
     _, cfg, model, params, _, _ = micro_setup
     tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, cfg.vocab_size)

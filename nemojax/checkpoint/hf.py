@@ -12,7 +12,8 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which the safete
 import numpy as np
 from safetensors import safe_open
 
-from nemojax.checkpoint.hf_names import UNSUPPORTED_PREFIXES, Entry, hf_table
+from nemojax.blocks import hf_table
+from nemojax.checkpoint.hf_names import UNSUPPORTED_PREFIXES, Entry
 from nemojax.config import ModelConfig
 from nemojax.scan_layers import to_layout
 
@@ -99,16 +100,31 @@ def read_config(path: str, **overrides: Any) -> ModelConfig:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, found {type(hf).__name__}")
-    checkpoint_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    overrides.setdefault("param_dtype", checkpoint_dtype)
-    overrides.setdefault("dtype", overrides["param_dtype"])
-    return ModelConfig.from_hf(hf, **overrides)
+    return config_from_json(hf, **overrides)
 
 
-def check_tensors(ckpt: SafetensorsCheckpoint, table: list[Entry]) -> None:
-    """One error listing every missing, unexpected, unsupported or mis-shaped tensor."""
+def config_from_json(hf: dict, **runtime: Any) -> ModelConfig:
+    """A stored config.json dict (a Hub checkpoint's, or an Orbax checkpoint's `model` item) as a ModelConfig
+    whose parameters keep the stored dtype unless `param_dtype=` says otherwise (compute: the same)."""
+    runtime.setdefault("param_dtype", hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    runtime.setdefault("dtype", runtime["param_dtype"])
+    return ModelConfig.from_hf(hf, **runtime)
+
+
+TIED_HEAD, EMBEDDINGS = "lm_head.weight", "backbone.embeddings.weight"
+
+
+def check_tensors(ckpt: SafetensorsCheckpoint, table: list[Entry], tied: bool = False) -> None:
+    """One error listing every missing, unexpected, unsupported or mis-shaped tensor. With tied embeddings
+    an `lm_head.weight` equal to the embeddings is accepted (transformers writes the tied head too)."""
     expected = {name: shape for entry in table for name, shape in entry.hf}
     found = set(ckpt.names())
+    if tied and TIED_HEAD in found:
+        found.discard(TIED_HEAD)
+        if EMBEDDINGS in found and not np.array_equal(ckpt.read(TIED_HEAD), ckpt.read(EMBEDDINGS)):
+            raise CheckpointError(f"{ckpt.path}: config.json says tie_word_embeddings=true, but {TIED_HEAD} "
+                                  f"[{ckpt.file_of[TIED_HEAD]}] differs from {EMBEDDINGS}: set "
+                                  "tie_word_embeddings=false to load a separate head")
     problems = []
     for name in sorted(expected.keys() - found):
         problems.append(f"  missing:     {name} (expected shape {expected[name]})")
@@ -152,7 +168,7 @@ def load_hf(path: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     table = hf_table(cfg)
     params: dict = {}
     with SafetensorsCheckpoint(path) as ckpt:
-        check_tensors(ckpt, table)
+        check_tensors(ckpt, table, cfg.tie_word_embeddings)
         for param_path, value in iter_params(ckpt, table):
             dtype = jnp.float32 if param_path[-1] == "e_score_correction_bias" else jnp.dtype(cfg.param_dtype)
             set_path(params, param_path, jnp.asarray(value, dtype=dtype))

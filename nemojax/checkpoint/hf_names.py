@@ -1,4 +1,5 @@
-"""The one table between Hugging Face Hub tensors and nemojax parameters.
+"""Hugging Face Hub tensors <-> nemojax parameters, one mixer kind at a time (`nemojax.blocks.hf_table`
+walks a whole model's pattern with them).
 
 Each `Entry` ties a group of Hub tensors to a group of nemojax parameters with a pair of pure numpy
 functions, one per direction, so loading, Orbax conversion and export all read this file and nothing else.
@@ -104,7 +105,7 @@ def stacked_experts(hf_names: Sequence[str], path: ParamPath, in_size: int, out_
                  lambda a: [np.ascontiguousarray(w.T) for w in a[0]])
 
 
-def _mamba_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
+def mamba_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
     d, h, p, g, n, k = (cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups,
                         cfg.ssm_state_size, cfg.conv_kernel)
     m = lambda name: (*ours, name)  # noqa: E731
@@ -113,6 +114,13 @@ def _mamba_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
                    [(m("in_z"), (d, h, p)), (m("in_x"), (d, h, p)), (m("in_B"), (d, g, n)),
                     (m("in_C"), (d, g, n)), (m("in_dt"), (d, h))],
                    _linear_part, _linear_part_back),
+    ]
+    if cfg.use_bias:
+        entries.append(split_rows(f"{hf}.in_proj.bias", (),
+                                  [(m("in_z_bias"), (h, p)), (m("in_x_bias"), (h, p)), (m("in_B_bias"), (g, n)),
+                                   (m("in_C_bias"), (g, n)), (m("in_dt_bias"), (h,))],
+                                  _bias_part, _bias_part_back))
+    entries += [
         split_rows(f"{hf}.conv1d.weight", (1, k),
                    [(m("conv_x"), (k, h, p)), (m("conv_B"), (k, g, n)), (m("conv_C"), (k, g, n))],
                    _conv_part, _conv_part_back),
@@ -129,10 +137,12 @@ def _mamba_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
         copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (h * p,), (h, p)),
         linear(f"{hf}.out_proj.weight", m("out_proj"), (h, p), (d,)),
     ]
+    if cfg.use_bias:
+        entries.append(copy(f"{hf}.out_proj.bias", m("out_proj_bias"), (d,)))
     return entries
 
 
-def _attention_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
+def attention_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
     d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     return [
         linear(f"{hf}.q_proj.weight", (*ours, "q_proj"), (d,), (nh, hd)),
@@ -142,13 +152,21 @@ def _attention_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry
     ]
 
 
-def _mlp_entries(cfg: ModelConfig, hf: str, ours: ParamPath, inter: int) -> list[Entry]:
+def _projection(cfg: ModelConfig, hf: str, ours: ParamPath, in_size: int, out_size: int) -> list[Entry]:
+    """An HF nn.Linear `hf` (weight, and bias when mlp_bias) <-> our `ours` and `{ours}_bias`."""
+    entries = [linear(f"{hf}.weight", ours, (in_size,), (out_size,))]
+    if cfg.mlp_bias:
+        entries.append(copy(f"{hf}.bias", (*ours[:-1], f"{ours[-1]}_bias"), (out_size,)))
+    return entries
+
+
+def mlp_entries(cfg: ModelConfig, hf: str, ours: ParamPath, inter: int) -> list[Entry]:
     d = cfg.hidden_size
-    return [linear(f"{hf}.up_proj.weight", (*ours, "up_proj"), (d,), (inter,)),
-            linear(f"{hf}.down_proj.weight", (*ours, "down_proj"), (inter,), (d,))]
+    return (_projection(cfg, f"{hf}.up_proj", (*ours, "up_proj"), d, inter)
+            + _projection(cfg, f"{hf}.down_proj", (*ours, "down_proj"), inter, d))
 
 
-def _moe_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
+def moe_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
     d, e, f, m = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.moe_input_size
     entries = [
         linear(f"{hf}.gate.weight", (*ours, "router"), (d,), (e,)),
@@ -157,31 +175,9 @@ def _moe_entries(cfg: ModelConfig, hf: str, ours: ParamPath) -> list[Entry]:
         stacked_experts([f"{hf}.experts.{i}.down_proj.weight" for i in range(e)], (*ours, "experts_down"), f, m),
     ]
     if cfg.moe_latent_size:
-        entries += [linear(f"{hf}.fc1_latent_proj.weight", (*ours, "fc1_latent_proj"), (d,), (m,)),
-                    linear(f"{hf}.fc2_latent_proj.weight", (*ours, "fc2_latent_proj"), (m,), (d,))]
+        entries += (_projection(cfg, f"{hf}.fc1_latent_proj", (*ours, "fc1_latent_proj"), d, m)
+                    + _projection(cfg, f"{hf}.fc2_latent_proj", (*ours, "fc2_latent_proj"), m, d))
     if cfg.n_shared_experts:
-        entries += _mlp_entries(cfg, f"{hf}.shared_experts", (*ours, "shared_experts"),
+        entries += mlp_entries(cfg, f"{hf}.shared_experts", (*ours, "shared_experts"),
                                 cfg.moe_shared_expert_intermediate_size)
-    return entries
-
-
-def hf_table(cfg: ModelConfig) -> list[Entry]:
-    """Every Hub tensor of a backbone with this config, and the nemojax parameters it becomes."""
-    d = cfg.hidden_size
-    entries = [copy("backbone.embeddings.weight", ("embed",), (cfg.vocab_size, d))]
-    for i, kind in enumerate(cfg.hybrid_override_pattern):
-        hf, ours = f"backbone.layers.{i}", (f"layers_{i}",)
-        entries.append(copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (d,)))
-        mixer_hf, mixer = f"{hf}.mixer", (*ours, "mixer")
-        if kind == "M":
-            entries += _mamba_entries(cfg, mixer_hf, mixer)
-        elif kind == "*":
-            entries += _attention_entries(cfg, mixer_hf, mixer)
-        elif kind == "-":
-            entries += _mlp_entries(cfg, mixer_hf, mixer, cfg.intermediate_size)
-        else:
-            entries += _moe_entries(cfg, mixer_hf, mixer)
-    entries.append(copy("backbone.norm_f.weight", ("norm_f", "scale"), (d,)))
-    if not cfg.tie_word_embeddings:
-        entries.append(linear("lm_head.weight", ("lm_head",), (d,), (cfg.vocab_size,)))
     return entries

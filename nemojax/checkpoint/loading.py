@@ -1,5 +1,6 @@
 """Load a model from whatever checkpoint a user points at: an Orbax checkpoint (a training step or a
-converted one) or a Hugging Face Hub directory."""
+converted one, or a workdir: its newest step) or a Hugging Face Hub directory. The one place that decides
+which (`checkpoint_format`); train.py's init_from, eval.py and the converter all ask it."""
 
 from __future__ import annotations
 
@@ -11,16 +12,46 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from nemojax.checkpoint.hf import CheckpointError, load_hf
+from nemojax.checkpoint.hf import CheckpointError, load_hf, read_config
 from nemojax.checkpoint.orbax_io import is_orbax_checkpoint, latest_checkpoint, load_params, read_model_config
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
 
 
-def abstract_params(cfg: ModelConfig) -> Any:
-    """The parameter tree's shapes and dtypes, without allocating it."""
+def abstract_params(cfg: ModelConfig, boxed: bool = False) -> Any:
+    """The parameter tree's shapes and dtypes, without allocating it (`boxed`: with the logical axis names
+    the sharding rules read)."""
     shapes = jax.eval_shape(lambda: NemotronH(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-    return nn.unbox(shapes["params"])
+    return shapes["params"] if boxed else nn.unbox(shapes["params"])
+
+
+def checkpoint_format(path: str) -> str:
+    """"orbax" or "hf" for a checkpoint directory; a clear error for anything else."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r}: no such file or directory")
+    if is_orbax_checkpoint(path):
+        return "orbax"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "hf"
+    raise CheckpointError(f"checkpoint {path!r} is not a model: expected an Orbax checkpoint (params/ and model/, "
+                          "e.g. WORKDIR/checkpoints/STEP or the converter's output) or a Hugging Face directory "
+                          "(config.json + safetensors)")
+
+
+def read_checkpoint_config(path: str, **runtime: Any) -> ModelConfig:
+    """The architecture a checkpoint stores, with `runtime` fields set (parameters keep its dtype unless
+    `param_dtype=` says otherwise)."""
+    return read_model_config(path, **runtime) if checkpoint_format(path) == "orbax" else read_config(path, **runtime)
+
+
+def load_checkpoint_params(path: str, cfg: ModelConfig, abstract: Any | None = None) -> Any:
+    """`path`'s parameters for a model built from `cfg` (its layout and dtype), placed like `abstract`
+    (ShapeDtypeStructs with shardings; default: `abstract_params(cfg)`, one device)."""
+    abstract = abstract_params(cfg) if abstract is None else abstract
+    if checkpoint_format(path) == "orbax":
+        return load_params(path, abstract)
+    _, params = load_hf(path, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)
+    return jax.tree.map(lambda p, a: jax.device_put(p, a.sharding), params, abstract)
 
 
 def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, Any, dict | None]:
@@ -32,15 +63,9 @@ def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, Any, dict | None
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r}: no such file or directory")
     path = latest_checkpoint(path)  # a training workdir or its checkpoints/ folder: the newest step
-    if is_orbax_checkpoint(path):
-        cfg = read_model_config(path, **runtime)
-        return cfg, load_params(path, abstract_params(cfg)), _training_config(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        cfg, params = load_hf(path, **runtime)
-        return cfg, params, None
-    raise CheckpointError(f"checkpoint {path!r} is not a model: expected an Orbax checkpoint (params/ and model/, "
-                          "e.g. WORKDIR/checkpoints/STEP or the converter's output) or a Hugging Face directory "
-                          "(config.json + safetensors)")
+    cfg = read_checkpoint_config(path, **runtime)
+    training = _training_config(path) if checkpoint_format(path) == "orbax" else None
+    return cfg, load_checkpoint_params(path, cfg), training
 
 
 def _training_config(path: str) -> dict | None:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nemojax.checkpoint.hf import config_from_json
 from nemojax.config import ConfigError, ModelConfig
 from nemojax.scan_layers import is_stacked, to_layout
 
@@ -126,9 +127,7 @@ def read_model_config(path: str, **runtime: Any) -> ModelConfig:
     dtype (config.json's `dtype`) unless `param_dtype=` says otherwise."""
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         hf = checkpointer.restore(os.path.abspath(path), args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-    runtime.setdefault("param_dtype", hf["model"].get("dtype", "float32"))
-    runtime.setdefault("dtype", runtime["param_dtype"])
-    return ModelConfig.from_hf(hf["model"], **runtime)
+    return config_from_json(hf["model"], **runtime)
 
 
 def is_orbax_checkpoint(path: str) -> bool:

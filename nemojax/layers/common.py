@@ -78,3 +78,15 @@ def dense(x: jax.Array, kernel: jax.Array, in_axes: int, dtype: jnp.dtype) -> ja
     k = math.prod(contracted)
     y = _matmul(x.astype(dtype).reshape(-1, k), kernel.astype(dtype).reshape(k, -1))
     return y.reshape(*lead, *kernel.shape[in_axes:])
+
+
+def projection(module: nn.Module, name: str, x: jax.Array, init: Initializer, shape: Sequence[int],
+               axes: Sequence[str | None], in_axes: int, bias: bool, param_dtype: jnp.dtype,
+               dtype: jnp.dtype) -> jax.Array:
+    """`dense` with the weight `name` [*in, *out], plus a zero-initialised `{name}_bias` [*out] when `bias`
+    (the config's use_bias / mlp_bias)."""
+    y = dense(x, param(module, name, init, shape, axes, param_dtype), in_axes, dtype)
+    if bias:
+        y = y + param(module, f"{name}_bias", jax.nn.initializers.zeros, shape[in_axes:], axes[in_axes:],
+                      param_dtype).astype(dtype)
+    return y

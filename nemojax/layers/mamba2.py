@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Decoding, dense, normal, param
+from nemojax.layers.common import Decoding, normal, param, projection
 from nemojax.layers.norms import GatedGroupRMSNorm
 from nemojax.ops.conv import causal_conv1d_silu, conv_step
 from nemojax.ops.ssd import ssd_chunked, ssd_step
@@ -77,11 +77,12 @@ class Mamba2Mixer(nn.Module):
         heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
         stepping = decoding is not None and not decoding.prefill
 
-        z = dense(u, param(self, "in_z", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
-        x = dense(u, param(self, "in_x", init, (d, h, p), ("embed", *heads), pdt), 1, cdt)
-        B = dense(u, param(self, "in_B", init, (d, g, n), ("embed", *groups), pdt), 1, cdt)
-        C = dense(u, param(self, "in_C", init, (d, g, n), ("embed", *groups), pdt), 1, cdt)
-        dt = dense(u, param(self, "in_dt", init, (d, h), ("embed", "ssm_heads"), pdt), 1, cdt)
+        def project(name, shape, axes):
+            return projection(self, name, u, init, (d, *shape), ("embed", *axes), 1, cfg.use_bias, pdt, cdt)
+
+        z, x = project("in_z", (h, p), heads), project("in_x", (h, p), heads)
+        B, C = project("in_B", (g, n), groups), project("in_C", (g, n), groups)
+        dt = project("in_dt", (h,), ("ssm_heads",))
 
         def conv(name, t, axes):
             weight = param(self, f"conv_{name}", _conv_init(k), (k, *t.shape[2:]), ("conv_width", *axes), pdt)
@@ -125,5 +126,4 @@ class Mamba2Mixer(nn.Module):
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                           if cfg.rescale_prenorm_residual else cfg.initializer_range)
-        w_out = param(self, "out_proj", out_init, (h, p, d), (*heads, "embed"), pdt)
-        return dense(y, w_out, 2, cdt)
+        return projection(self, "out_proj", y, out_init, (h, p, d), (*heads, "embed"), 2, cfg.use_bias, pdt, cdt)

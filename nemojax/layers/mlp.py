@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dense, normal, param
+from nemojax.layers.common import normal, projection
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -24,6 +24,6 @@ class MLP(nn.Module):
         cfg = self.cfg
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         init = normal(cfg.initializer_range)
-        up = param(self, "up_proj", init, (cfg.hidden_size, self.intermediate_size), ("embed", "mlp"), pdt)
-        down = param(self, "down_proj", init, (self.intermediate_size, cfg.hidden_size), ("mlp", "embed"), pdt)
-        return dense(relu2(dense(u, up, 1, cdt)), down, 1, cdt)
+        d, f = cfg.hidden_size, self.intermediate_size
+        hidden = relu2(projection(self, "up_proj", u, init, (d, f), ("embed", "mlp"), 1, cfg.mlp_bias, pdt, cdt))
+        return projection(self, "down_proj", hidden, init, (f, d), ("mlp", "embed"), 1, cfg.mlp_bias, pdt, cdt)

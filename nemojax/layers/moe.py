@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import dense, normal, param
+from nemojax.layers.common import normal, param, projection
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.platform import target_backend
@@ -191,13 +191,13 @@ class MoE(nn.Module):
         expert_in = "latent" if cfg.moe_latent_size else "embed"
         x = flat.astype(cdt)
         if cfg.moe_latent_size:
-            x = dense(x, param(self, "fc1_latent_proj", init, (d, m), ("embed", "latent"), pdt), 1, cdt)
+            x = projection(self, "fc1_latent_proj", x, init, (d, m), ("embed", "latent"), 1, cfg.mlp_bias, pdt, cdt)
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
         experts = expert_parallel_experts if _expert_axis_size() > 1 else routed_experts
         y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
         if cfg.moe_latent_size:
-            y = dense(y, param(self, "fc2_latent_proj", init, (m, d), ("latent", "embed"), pdt), 1, cdt)
+            y = projection(self, "fc2_latent_proj", y, init, (m, d), ("latent", "embed"), 1, cfg.mlp_bias, pdt, cdt)
         y = y.reshape(batch, length, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(u)

@@ -16,7 +16,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from nemojax.model import NemotronH
-from nemojax.train.loss import lm_head_loss
+from nemojax.loss import lm_head_loss
 
 f32 = jnp.float32
 
@@ -110,17 +110,3 @@ def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state:
         metrics["balance_loss"] = balance_loss
         metrics["expert_counts"] = counts
     return TrainState(state.step + 1, params, opt_state), metrics
-
-
-def eval_step(model: NemotronH, params, batch: dict) -> dict:
-    """Summed NLL and target count, and (when the batch marks them) recalled-digit hits and count."""
-    tokens, mask = batch["tokens"], batch["mask"]
-    logits = model.apply({"params": params}, tokens)[:, :-1]
-    targets, weights = tokens[:, 1:], mask[:, 1:].astype(f32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    out = {"nll_sum": jnp.sum(nll * weights), "targets": jnp.sum(weights)}
-    if "recall" in batch:
-        recall = batch["recall"][:, 1:].astype(f32)
-        out["recall_hits"] = jnp.sum((jnp.argmax(logits, -1) == targets) * recall)
-        out["recall_count"] = jnp.sum(recall)
-    return out

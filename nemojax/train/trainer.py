@@ -8,7 +8,6 @@ exactly as if it had never stopped. SIGTERM (preemption) saves a checkpoint, the
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 import time
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nemojax.checkpoint.hf import load_hf
-from nemojax.checkpoint.orbax_io import TrainCheckpoints, is_orbax_checkpoint, load_params, read_model_config
+from nemojax.checkpoint.loading import abstract_params, load_checkpoint_params, read_checkpoint_config
+from nemojax.checkpoint.orbax_io import TrainCheckpoints
 from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
@@ -29,7 +28,8 @@ from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, logical_shardings, make_mesh, replicated
 from nemojax.train.metrics import MetricsWriter, device_peak_flops, expert_load_imbalance
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
-from nemojax.train.step import TrainState, eval_step, train_step
+from nemojax.loss import eval_sums, eval_totals
+from nemojax.train.step import TrainState, train_step
 from nemojax.train.workdir import WorkdirLock
 
 # config.json fields that do not change a model's parameters or outputs (allowed to differ on init_from).
@@ -105,10 +105,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if config.model_from_checkpoint:
         if not config.init_from:
             raise ConfigError("config field `model_from_checkpoint` = True needs `init_from`")
-        if is_orbax_checkpoint(config.init_from):
-            return read_model_config(config.init_from, **runtime)
-        from nemojax.checkpoint.hf import read_config
-        return read_config(config.init_from, **runtime)
+        return read_checkpoint_config(config.init_from, **runtime)
     return ModelConfig.from_hf(config.model.to_dict(), **runtime)
 
 
@@ -141,7 +138,7 @@ def _say(text: str) -> None:
 
 def abstract_train_state(model: NemotronH, optimizer, mesh) -> tuple[TrainState, TrainState]:
     """(the train state as ShapeDtypeStructs carrying their shardings, the shardings), allocating nothing."""
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxed = abstract_params(model.cfg, boxed=True)
     param_shardings = logical_shardings(boxed, mesh)
     abstract = lambda tree, shardings: jax.tree.map(  # noqa: E731
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
@@ -201,15 +198,8 @@ class Trainer:
             # (tiny: 6.4 s -> 2.6 s to compile; the values agree to the last bit or two).
             options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
             return init.lower(key).compile(compiler_options=options)(key)
-        if is_orbax_checkpoint(source):
-            check_same_architecture(source, read_model_config(source), self.cfg)
-            return load_params(source, self.abstract_params)
-        if os.path.isfile(os.path.join(source, "config.json")):
-            their_cfg, params = load_hf(source, param_dtype=self.cfg.param_dtype, scan_layers=self.cfg.scan_layers)
-            check_same_architecture(source, their_cfg, self.cfg)
-            return jax.device_put(params, self.param_shardings)
-        raise FileNotFoundError(f"init_from {source!r}: neither an Orbax checkpoint (params/ and model/) nor an "
-                                "HF checkpoint directory (config.json + safetensors)")
+        check_same_architecture(source, read_checkpoint_config(source), self.cfg)
+        return load_checkpoint_params(source, self.cfg, self.abstract_params)
 
     def _start(self) -> tuple[TrainState, jax.Array]:
         """Resume from the newest checkpoint that restores (the ones that do not are moved aside), else
@@ -247,11 +237,8 @@ class Trainer:
     def _evaluate(self, params) -> dict[str, float]:
         if not self.eval_data:
             return {}
-        totals: dict[str, float] = {}
-        for batch in self.eval_data:
-            out = jax.device_get(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+        totals = eval_totals(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
+                             for batch in self.eval_data)
         result = {"eval_loss": totals["nll_sum"] / max(totals["targets"], 1.0)}
         if totals.get("recall_count"):
             result["recall_accuracy"] = totals["recall_hits"] / totals["recall_count"]
@@ -264,7 +251,7 @@ class Trainer:
         config = self.config
         step_fn = jitted_train_step(config, self.model, self.optimizer, self.schedule, self.mesh,
                                     self.state_shardings)
-        self._eval_fn = jax.jit(functools.partial(eval_step, self.model))
+        self._eval_fn = jax.jit(functools.partial(eval_sums, self.model))
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         with jax.set_mesh(self.mesh):
             state, rng = self._start()

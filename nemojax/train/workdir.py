@@ -13,22 +13,13 @@ import os
 import socket
 import time
 
+from nemojax.checkpoint.writing import process_alive
+
 LOCK_NAME = "run.lock"
 
 
 class WorkdirError(RuntimeError):
     """The workdir cannot be used: not writable, or another run holds it."""
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host (a lock's or a staging directory's owner)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class WorkdirLock(contextlib.AbstractContextManager):

@@ -1,14 +1,19 @@
-"""Next-token cross-entropy: from logits, and fused with the LM head.
+"""The one next-token loss over the LM head, for training, evaluation and scoring.
 
-`lm_head_loss` never materialises the [tokens, vocab] logits of the whole batch: it walks the tokens
-in chunks, and when differentiated computes the gradients in that same walk (see `_fused_loss`). On
-the 110M benchmark model this removes the costliest part of a training step (the full logits' softmax
-gradient and one of the four vocabulary-sized matmuls) and the logits' memory.
+Every path walks the tokens in chunks of about 2**24 logits, so the [tokens, vocab] logits of a whole
+batch never exist at once:
+- `lm_head_loss`: the training loss; differentiated, it computes the gradients in the same walk
+  (`_fused_loss`), which removes the full logits' softmax gradient and one of the four vocabulary-sized
+  matmuls;
+- `token_logprobs`: each token's log-probability and whether it was the greedy choice (scoring);
+- `eval_sums` / `eval_totals`: summed NLL and recall hits of held-out batches (the trainer's evaluation
+  and eval.py's recall task).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -23,32 +28,41 @@ def _targets_and_weights(tokens, mask):
     return targets, weights
 
 
-def next_token_loss(logits: Float[Array, "b l v"], tokens: Int[Array, "b l"],
-                    mask: Bool[Array, "b l"] | None = None) -> Float[Array, ""]:
-    """Mean fp32 cross-entropy of predicting tokens[:, t+1] from logits[:, t] over unmasked targets.
-
-    `mask[:, t]` says whether target tokens[:, t] counts (position 0 is never a target).
-    """
-    logits = logits[:, :-1].astype(f32)
-    targets, weights = _targets_and_weights(tokens, mask)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+def _tokens_per_chunk(n_tokens: int, vocab: int, chunk_logits: int) -> int:
+    """Equal chunks of about `chunk_logits` logits: at most (chunks - 1) padded tokens."""
+    n_chunks = -(-n_tokens // max(1, min(n_tokens, chunk_logits // vocab)))
+    return -(-n_tokens // n_chunks)
 
 
 def lm_head_loss(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], tokens: Int[Array, "b l"],
                  mask: Bool[Array, "b l"] | None = None, chunk_logits: int = 2**24) -> Float[Array, ""]:
-    """`next_token_loss(hidden @ head, tokens, mask)` without the full logits (equal up to fp32 rounding).
-
-    Tokens are processed in chunks of about `chunk_logits` logits each.
-    """
+    """Mean fp32 cross-entropy of predicting tokens[:, t+1] from hidden[:, t] @ head over unmasked targets
+    (`mask[:, t]` says whether target tokens[:, t] counts; position 0 is never a target)."""
     b, length, d = hidden.shape
     targets, weights = _targets_and_weights(tokens, mask)
     weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
-    n_tokens = b * (length - 1)
-    n_chunks = -(-n_tokens // max(1, min(n_tokens, chunk_logits // head.shape[1])))
-    tokens_per_chunk = -(-n_tokens // n_chunks)  # equal chunks: at most n_chunks - 1 padded tokens
+    tokens_per_chunk = _tokens_per_chunk(b * (length - 1), head.shape[1], chunk_logits)
     return _fused_loss(tokens_per_chunk)(hidden[:, :-1].reshape(-1, d), head, targets.reshape(-1),
                                          weights.reshape(-1))
+
+
+def token_logprobs(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], tokens: Int[Array, "b l"],
+                   chunk_logits: int = 2**24) -> tuple[Float[Array, "b l-1"], Bool[Array, "b l-1"]]:
+    """log p(tokens[:, t+1] | ..t) from hidden[:, t] @ head, and whether that token was the argmax."""
+    b, length, d = hidden.shape
+    n_tokens = b * (length - 1)
+    size = _tokens_per_chunk(n_tokens, head.shape[1], chunk_logits)
+    chunks = (_chunked(hidden[:, :-1].reshape(-1, d), size), _chunked(tokens[:, 1:].reshape(-1), size))
+
+    def score(chunk):
+        h, targets = chunk
+        logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=f32)
+        target_logit = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+        return target_logit - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+
+    logprobs, greedy = jax.lax.map(score, chunks)
+    return (logprobs.reshape(-1)[:n_tokens].reshape(b, length - 1),
+            greedy.reshape(-1)[:n_tokens].reshape(b, length - 1))
 
 
 def _chunked(t: jax.Array, size: int) -> jax.Array:
@@ -116,9 +130,25 @@ def _fused_loss(tokens_per_chunk: int):
     return fused
 
 
-def model_loss(model, params: dict, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"] | None = None
-               ) -> Float[Array, ""]:
-    """The training loss of a `NemotronH`: its hidden states through the fused LM-head cross-entropy."""
+def eval_sums(model, params: Any, batch: dict) -> dict[str, Float[Array, ""]]:
+    """Summed NLL and target count of a held-out batch, and (when the batch marks them) recalled-digit
+    hits and count."""
+    tokens, mask = batch["tokens"], batch["mask"]
     hidden = model.apply({"params": params}, tokens, method="hidden")
-    head = model.apply({"params": params}, method="head_weight")
-    return lm_head_loss(hidden, head.astype(hidden.dtype), tokens, mask)
+    logprobs, greedy = token_logprobs(hidden, model.apply({"params": params}, method="head_weight"), tokens)
+    weights = mask[:, 1:].astype(f32)
+    out = {"nll_sum": -jnp.sum(logprobs * weights), "targets": jnp.sum(weights)}
+    if "recall" in batch:
+        recall = batch["recall"][:, 1:].astype(f32)
+        out["recall_hits"] = jnp.sum(greedy * recall)
+        out["recall_count"] = jnp.sum(recall)
+    return out
+
+
+def eval_totals(sums: Iterable[dict]) -> dict[str, float]:
+    """The per-batch `eval_sums` added up on the host (loss = nll_sum / targets, accuracy = hits / count)."""
+    totals: dict[str, float] = {}
+    for out in sums:
+        for k, v in jax.device_get(out).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return totals
