@@ -1,8 +1,8 @@
 """The accelerator check, in one command: compiled SSD kernels against the XLA scan, SSD throughput, and the
 train step at Nemotron-H-8B widths. Prints each result and writes them all as JSON.
 
-    python benchmarks/accelerator.py [--out accelerator.json]      # on one GPU (or TPU): < 5 minutes
-    python benchmarks/accelerator.py --smoke                       # on the CPU: tiny shapes, interpreted
+    python -m benchmarks.accelerator [--out accelerator.json]      # on one GPU (or TPU): < 5 minutes
+    python -m benchmarks.accelerator --smoke                       # on the CPU: tiny shapes, interpreted
 
 1. Correctness: `pallas/ssd.py` (the backend's driver, compiled) against `nemojax/ops/ssd.py`, fp32 and bf16,
    on a shape whose length is not a multiple of the chunk, with an initial state: y, final state, and
@@ -24,18 +24,15 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import median_seconds, step_model  # noqa: E402
-from nemojax.ops.ssd import ssd_chunked  # noqa: E402
-from pallas.ssd import ssd as ssd_kernels  # noqa: E402
+from benchmarks.common import median_seconds, step_model
+from nemojax.ops.ssd import ssd_chunked
+from pallas.ssd import ssd as ssd_kernels
 
 SSD_8B = dict(heads=128, head_dim=64, groups=8, state=128, chunk=128)
 SSD_SMOKE = dict(heads=4, head_dim=16, groups=2, state=16, chunk=16)

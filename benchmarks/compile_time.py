@@ -5,7 +5,7 @@ the config's own runtime choices (bf16 compute, remat) and `ssm_impl=xla`, so it
 the program rather than a kernel. Compile time grows with every unrolled block; with
 `scan_layers=True` each repeated group of blocks is compiled once.
 
-    python benchmarks/compile_time.py --config configs/nemotron_h_8b.py [--scan both|on|off] [--seq-len 4096]
+    python -m benchmarks.compile_time --config configs/nemotron_h_8b.py [--scan both|on|off] [--seq-len 4096]
 """
 
 from __future__ import annotations
@@ -14,20 +14,16 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from nemojax.checkpoint.loading import abstract_params  # noqa: E402
-from nemojax.model import NemotronH  # noqa: E402
-from nemojax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from nemojax.train.step import TrainState, train_step  # noqa: E402
-from nemojax.train.trainer import model_config  # noqa: E402
+from nemojax.checkpoint.loading import abstract_params
+from nemojax.model import NemotronH
+from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
+from nemojax.train.step import TrainState, train_step
+from nemojax.train.trainer import model_config
 
 
 def load_config(path: str):

@@ -3,7 +3,7 @@
 Prints MB/s of checkpoint converted for hf-to-orbax (fp32 -> bf16, as a user converting for training
 would) and orbax-to-hf, medians of several runs, next to this disk's plain copy rate (the ceiling).
 
-    python benchmarks/convert.py [--layers 20] [--repeats 3] [--dir /tmp]
+    python -m benchmarks.convert [--layers 20] [--repeats 3] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from nemojax.convert import hf_to_orbax, orbax_to_hf  # noqa: E402
-from tests.test_convert import write_random_checkpoint  # noqa: E402
+from nemojax.convert import hf_to_orbax, orbax_to_hf
+from tests.test_convert import write_random_checkpoint
 
 
 def timed(fn) -> float:

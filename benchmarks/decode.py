@@ -7,29 +7,24 @@ nemojax: the prompt is prefilled once, then `generate`'s own decode loop (`decod
 for N tokens. transformers: (time of generate(N2 tokens) - time of generate(N1)) / (N2 - N1), so its
 prefill cancels (at 256 tokens of context, where prefill is short enough not to drown the difference).
 
-    python benchmarks/decode.py [--contexts 256,2048,8192] [--batch 16] [--repeats 3] [--skip-torch]
+    python -m benchmarks.decode [--contexts 256,2048,8192] [--batch 16] [--repeats 3] [--skip-torch]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import nemojax  # noqa: E402
-from benchmarks.common import median_seconds  # noqa: E402
-from nemojax.generate import Sampling, decode_tokens  # noqa: E402
-from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
-
-from configs import small  # noqa: E402
+import nemojax
+from benchmarks.common import median_seconds
+from configs import small
+from nemojax.generate import Sampling, decode_tokens
+from nemojax.hostmem import reexec_with_huge_pages
 
 SMALL = small.get_config().model.to_dict()
 N1, N2 = 8, 72  # transformers: tokens generated in the short and the long run

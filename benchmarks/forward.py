@@ -5,29 +5,25 @@ Forward returns the full logits; forward+backward is each library's training los
 (nemojax: the fused LM-head cross-entropy; transformers: logits, then its loss).
 Prints medians and each one's model FLOP/s next to the rate of a large jitted matmul (the ceiling).
 
-    python benchmarks/forward.py [--tokens 2048] [--repeats 5]
+    python -m benchmarks.forward [--tokens 2048] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import nemojax  # noqa: E402
-from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E402
-from nemojax.flops import forward_flops  # noqa: E402
-from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
-from nemojax.loss import lm_head_loss  # noqa: E402
-
-from configs import small  # noqa: E402
+import nemojax
+from benchmarks.common import matmul_flops_per_second, median_seconds
+from configs import small
+from nemojax.flops import forward_flops
+from nemojax.hostmem import reexec_with_huge_pages
+from nemojax.loss import lm_head_loss
 
 SMALL = small.get_config().model.to_dict()
 

@@ -8,7 +8,7 @@ bytes of their results. That is the program before XLA's fusion, so the figures 
 traffic; what they show is which non-matmul work scales with the parameter count (casts, the optimizer,
 gradient accumulation) and how many transposes and copies the model asks for.
 
-    python benchmarks/hlo_profile.py [--smoke] [--top 8]
+    python -m benchmarks.hlo_profile [--smoke] [--top 8]
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import export_text, step_model  # noqa: E402
+from benchmarks.common import export_text, step_model
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4, "ui32": 4, "i64": 8, "i1": 1, "i8": 1, "ui8": 1, "f64": 8}
 _OP = re.compile(r"=\s+(?:\"?)(stablehlo\.[a-z_]+|func\.call|call)\b")

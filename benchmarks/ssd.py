@@ -6,7 +6,7 @@ Prints, per implementation and length, the median time, tokens/s and the achieve
 bytes the scan must move at least (x, dt, B, C in, y out; for the backward also dy in, and dx, ddt,
 dB, dC out) over the time. Compare against a streaming copy measured in the same process.
 
-    python benchmarks/ssd.py [--lengths 2048,8192,32768] [--impls xla,pallas] [--dtype bfloat16]
+    python -m benchmarks.ssd [--lengths 2048,8192,32768] [--impls xla,pallas] [--dtype bfloat16]
 
 On the CPU the Pallas kernel runs interpreted (correct, not fast): the default there is 2048 tokens
 and a reduced head count (--heads); pass --lengths to go further.
@@ -15,18 +15,14 @@ and a reduced head count (--heads); pass --lengths to go further.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from benchmarks.common import median_seconds  # noqa: E402
-from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
-from nemojax.ops.ssd import ssd_chunked  # noqa: E402
-from pallas.ssd import ssd as ssd_pallas  # noqa: E402
+from benchmarks.common import median_seconds
+from nemojax.hostmem import reexec_with_huge_pages
+from nemojax.ops.ssd import ssd_chunked
+from pallas.ssd import ssd as ssd_pallas
 
 HEAD_DIM, STATE, GROUPS, CHUNK = 64, 128, 8, 128
 IMPLS = {"xla": ssd_chunked, "pallas": ssd_pallas}

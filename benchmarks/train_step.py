@@ -3,7 +3,7 @@
 Prints the median step time and its model FLOP/s (nemojax.flops.train_flops) next to the measured rate
 of a large jitted matmul on the same machine (the ceiling).
 
-    python benchmarks/train_step.py [--repeats 5] [--batch 1] [--seq-len 2048]
+    python -m benchmarks.train_step [--repeats 5] [--batch 1] [--seq-len 2048]
 """
 
 from __future__ import annotations
@@ -11,23 +11,20 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import matmul_flops_per_second, median_seconds  # noqa: E402
-from configs import small  # noqa: E402
-from nemojax.config import ModelConfig  # noqa: E402
-from nemojax.flops import train_flops  # noqa: E402
-from nemojax.hostmem import reexec_with_huge_pages  # noqa: E402
-from nemojax.model import NemotronH  # noqa: E402
-from nemojax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from nemojax.train.step import TrainState, train_step  # noqa: E402
+from benchmarks.common import matmul_flops_per_second, median_seconds
+from configs import small
+from nemojax.config import ModelConfig
+from nemojax.flops import train_flops
+from nemojax.hostmem import reexec_with_huge_pages
+from nemojax.model import NemotronH
+from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
+from nemojax.train.step import TrainState, train_step
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ command line: `python train.py --config configs/tiny.py --config.total_steps=200
 
 import ml_collections
 
-# Facts shared by all released Nemotron hybrids (../shared/MODELS.md).
+# Facts shared by all released Nemotron hybrids (docs/models.md).
 RELEASED_MODEL_DEFAULTS = dict(
     vocab_size=131072, tie_word_embeddings=False, layer_norm_epsilon=1e-5, conv_kernel=4, chunk_size=128,
     n_groups=8, mamba_head_dim=64, ssm_state_size=128, head_dim=128, num_key_value_heads=8,

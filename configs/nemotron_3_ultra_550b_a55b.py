@@ -1,6 +1,6 @@
 """Nemotron 3 Ultra 550B-A55B.
 
-Not confirmed from a released config.json: sizes, pattern and MoE settings follow ../shared/MODELS.md,
+Not confirmed from a released config.json: sizes, pattern and MoE settings follow docs/models.md,
 which marks them (?). Check them against the checkpoint before training from it.
 """
 

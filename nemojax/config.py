@@ -135,11 +135,6 @@ class ModelConfig:
         return tuple(HF_BLOCK_NAMES[c] for c in self.hybrid_override_pattern)
 
     @property
-    def mamba_inner(self) -> int:
-        """Mamba inner width: heads x head_dim (not expand x hidden; they differ for several models)."""
-        return self.mamba_num_heads * self.mamba_head_dim
-
-    @property
     def has_moe(self) -> bool:
         return "E" in self.hybrid_override_pattern
 

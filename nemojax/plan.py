@@ -105,7 +105,9 @@ def describe(result: dict[str, Any], device_memory_gib: float) -> str:
 
 
 def _device_count(config) -> int:
-    sizes = [int(config.mesh[a]) for a in ("data", "fsdp", "tensor", "expert")]
+    from nemojax.sharding import MESH_AXES  # importing JAX starts no backend: the device flags still apply
+
+    sizes = [int(config.mesh[a]) for a in MESH_AXES]
     if -1 in sizes:
         if not _DEVICES.value:
             raise SystemExit("nemojax.plan: error: a mesh axis is -1: give --devices")

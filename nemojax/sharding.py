@@ -17,10 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nemojax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+EXPERT_AXIS = "expert"  # routed experts are split over it (layers/moe.py's expert-parallel exchange)
+BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)  # the axes a batch is split over
 
 # logical axis -> mesh axis (or axes); names not listed are replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", BATCH_AXES),
     ("length", None),  # activations keep whole sequences and a whole embedding (no sequence parallelism)
     ("act_embed", None),
     ("embed", "fsdp"),
@@ -51,6 +53,20 @@ def mesh_shape(sizes: Mapping[str, int], device_count: int) -> dict[str, int]:
         raise ConfigError(f"config field `mesh` = {sizes}: needs {math.prod(sizes.values())} devices, "
                          f"have {device_count}")
     return sizes
+
+
+def expert_axis_size() -> int:
+    """Devices along the expert axis of the mesh being traced under (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
+
+
+def check_expert_mesh(mesh: Mesh, cfg) -> None:
+    """Each device holds whole experts: the expert axis must divide the routed experts."""
+    expert = mesh.shape[EXPERT_AXIS]
+    if expert > 1 and cfg.has_moe and cfg.n_routed_experts % expert:
+        raise ConfigError(f"config field `mesh.expert` = {expert}: must divide model.n_routed_experts = "
+                          f"{cfg.n_routed_experts} (each device holds whole experts)")
 
 
 def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:

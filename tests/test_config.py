@@ -39,7 +39,10 @@ def test_released_configs_load_and_round_trip(path):
     assert cfg.n_groups == hf.get("n_groups", hf.get("mamba_n_groups")) == 8
     assert cfg.time_step_limit == (0.0, math.inf)
     # Mamba inner width is heads x head_dim, not expand x hidden.
-    assert cfg.mamba_inner == hf["mamba_num_heads"] * hf["mamba_head_dim"]
+    h, p, g, n = hf["mamba_num_heads"], hf["mamba_head_dim"], cfg.n_groups, cfg.ssm_state_size
+    in_proj = next(shape for entry in hf_table(cfg) for name, shape in entry.hf
+                   if name == "backbone.layers.0.mixer.in_proj.weight")
+    assert in_proj == (2 * h * p + 2 * g * n + h, hf["hidden_size"])
     billions = sum(int(np.prod(shape)) for entry in hf_table(cfg) for _, shape in entry.hf) / 1e9
     assert billions == pytest.approx(NOMINAL[os.path.basename(path)[:-5]], rel=0.03)
 

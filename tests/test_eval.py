@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nemojax import ModelConfig, NemotronH
-from nemojax.checkpoint.orbax_io import save_params
+from tests.reference import save_params
 from nemojax.evaluation import choice, choice_loglikelihoods, encode_pair, perplexity, read_choice_examples
 from nemojax.scoring import Scorer
 from nemojax.tokenizer import Tokenizer

@@ -140,7 +140,8 @@ def test_cached_generation_with_scanned_layers_equals_the_unrolled_model(params)
 
 def test_checkpoints_load_into_either_layout(tmp_path, params):
     from nemojax.checkpoint.loading import abstract_params
-    from nemojax.checkpoint.orbax_io import load_params, save_params
+    from nemojax.checkpoint.orbax_io import load_params
+    from tests.reference import save_params
     from nemojax.convert import orbax_to_hf
     from nemojax.checkpoint.hf import load_hf
 

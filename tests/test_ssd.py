@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from nemojax.ops.conv import causal_conv1d_silu
-from nemojax.ops.ssd import ssd_chunked, ssd_sequential
+from nemojax.ops.ssd import ssd_chunked
+from tests.reference import ssd_sequential
 
 B, L, H, P, G, N = 2, 37, 6, 5, 3, 4
 

@@ -285,7 +285,7 @@ def token_file(tmp_path, length=11 * 32 + 5, vocab=256, seed=0) -> str:
 
 
 def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, micro_setup):
-    from nemojax.checkpoint.orbax_io import save_params
+    from tests.reference import save_params
     from nemojax.train.trainer import Trainer, TrainingError
 
     _, cfg, _, params, _, _ = micro_setup
@@ -301,7 +301,7 @@ def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, micro_setup):
 def test_init_from_hf_and_orbax_start_from_those_weights(tmp_path, hf_checkpoints):
     import torch
 
-    from nemojax.checkpoint.orbax_io import save_params
+    from tests.reference import save_params
     from nemojax.checkpoint.hf import load_hf
     from nemojax.data.pipeline import train_iterator
     from nemojax.train.trainer import Trainer, model_config

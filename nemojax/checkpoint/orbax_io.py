@@ -115,13 +115,6 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def save_params(path: str, params: Any, cfg: ModelConfig) -> None:
-    """A parameter-only checkpoint (`params` + `model` items) that `load_params` reads."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), model=ocp.args.JsonSave(cfg.to_hf())))
-
-
 def read_model_config(path: str, **runtime: Any) -> ModelConfig:
     """The architecture stored with an Orbax checkpoint (its `model` item); parameters keep the stored
     dtype (config.json's `dtype`) unless `param_dtype=` says otherwise."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Int
 
-from nemojax.ops.platform import on_cpu
+from nemojax.ops.matmul import matmul
 
 Initializer = Callable[..., jax.Array]
 
@@ -43,40 +43,12 @@ def normal(std: float) -> Initializer:
     return jax.nn.initializers.normal(stddev=std)
 
 
-@jax.custom_vjp
-def _matmul_explicit_transposes(x: jax.Array, w: jax.Array) -> jax.Array:
-    return x @ w
-
-
-def _matmul_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul_bwd(res, dy):
-    x, w = res
-    tokens, k = x.shape
-    n = w.shape[1]
-    # The weight gradient contracts over tokens, so one operand must be transposed. XLA:CPU picks
-    # the gradient and fuses its elementwise producers into the strided transpose (~25x a plain
-    # one); transposing explicitly, on the side that moves fewer bytes, is much cheaper.
-    if tokens * k <= tokens * n + k * n:
-        dw = x.T @ dy
-    else:
-        dw = (dy.T @ x).T
-    return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
-
-
-_matmul_explicit_transposes.defvjp(_matmul_fwd, _matmul_bwd)
-# XLA:CPU gets the hand-written VJP; GPUs and TPUs the plain product, whose autodiff their compilers fuse.
-_matmul = on_cpu(_matmul_explicit_transposes, jnp.matmul)
-
-
 def dense(x: jax.Array, kernel: jax.Array, in_axes: int, dtype: jnp.dtype) -> jax.Array:
     """Contract the last `in_axes` axes of x with the first `in_axes` of kernel, in the compute dtype."""
     lead, contracted = x.shape[:-in_axes], x.shape[-in_axes:]
     assert contracted == kernel.shape[:in_axes], (x.shape, kernel.shape)
     k = math.prod(contracted)
-    y = _matmul(x.astype(dtype).reshape(-1, k), kernel.astype(dtype).reshape(k, -1))
+    y = matmul(x.astype(dtype).reshape(-1, k), kernel.astype(dtype).reshape(k, -1))
     return y.reshape(*lead, *kernel.shape[in_axes:])
 
 

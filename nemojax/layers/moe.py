@@ -21,6 +21,7 @@ from nemojax.layers.common import normal, param, projection
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.platform import target_backend
+from nemojax.sharding import BATCH_AXES, EXPERT_AXIS, expert_axis_size
 
 
 def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
@@ -72,8 +73,8 @@ RAGGED_EXCHANGE_BACKENDS = ("gpu", "tpu")  # where XLA implements `ragged_all_to
 
 
 def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
-                            up: Float[Array, "e d f"], down: Float[Array, "e f d"], axis: str = "expert",
-                            batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")) -> Float[Array, "t d"]:
+                            up: Float[Array, "e d f"], down: Float[Array, "e f d"], axis: str = EXPERT_AXIS,
+                            batch_axes: tuple[str, ...] = BATCH_AXES) -> Float[Array, "t d"]:
     """`routed_experts` with the experts split over mesh axis `axis` (inside a mesh context): each
     device sends every (token, slot) assignment to the device holding its expert, runs only its own
     experts on what it receives, and sends the results back. Dropless either way:
@@ -161,11 +162,6 @@ def _ragged_exchange(axis: str, devices: int, counts: jax.Array, sorted_dest: ja
     return _Exchange(there, back)
 
 
-def _expert_axis_size() -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
-
-
 class MoE(nn.Module):
     cfg: ModelConfig
 
@@ -194,7 +190,7 @@ class MoE(nn.Module):
             x = projection(self, "fc1_latent_proj", x, init, (d, m), ("embed", "latent"), 1, cfg.mlp_bias, pdt, cdt)
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
-        experts = expert_parallel_experts if _expert_axis_size() > 1 else routed_experts
+        experts = expert_parallel_experts if expert_axis_size() > 1 else routed_experts
         y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
         if cfg.moe_latent_size:
             y = projection(self, "fc2_latent_proj", y, init, (m, d), ("latent", "embed"), 1, cfg.mlp_bias, pdt, cdt)

@@ -1,7 +1,12 @@
 """The one switch between XLA:CPU workarounds and the plain ops that GPUs and TPUs get.
 
-nemojax was first tuned on a 2-core CPU, where a few rewrites pay (a hand-written matmul VJP, sums as
-ones-vector products, a blocked grouped matmul). Each is written as `on_cpu(workaround, plain)`: the
+nemojax was first tuned on a 2-core CPU, where a few rewrites pay. Each lives next to the op it replaces:
+- `ops/matmul.py`: a hand-written matmul VJP that transposes the cheaper side explicitly (XLA:CPU fuses
+  producers into a strided transpose, ~25x a plain one);
+- `ops/sums.py`: float32 sums as ones-vector products (XLA:CPU reduces major axes slowly);
+- `ops/grouped_matmul.py`: the experts' matmul in blocks (XLA:CPU computes `ragged_dot` densely);
+- `ops/conv.py`: a time-blocked conv backward; `ops/ssd.py`: the in-chunk cumsum as a triangular product.
+Each is written as `on_cpu(workaround, plain)`: the
 choice is made when the program is lowered (`jax.lax.platform_dependent`), so a program lowered for cuda
 or tpu holds only the plain op. Workarounds run under the name scope `CPU_ONLY`, which the tests look for
 in lowered programs (present for the CPU, absent for cuda and tpu).

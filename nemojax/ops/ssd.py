@@ -6,7 +6,7 @@ Recurrence, per head h (state S of shape [head_dim, state]):
 `ssd_chunked` evaluates it in chunks of Q tokens: inside a chunk as a masked (Q x Q) "attention"
 product, across chunks through the chunk-final states, combined with `jax.lax.associative_scan`.
 Memory is O(L * Q) per head, never O(L^2). `ssd_step` advances one token (decoding);
-`ssd_sequential`, the token-by-token reference the tests compare against, is built from it.
+The tests' token-by-token reference (`tests/reference.py::ssd_sequential`) is built from it.
 """
 
 from __future__ import annotations
@@ -219,25 +219,3 @@ def ssd_step(
     if D is not None:
         y = y + D.astype(f32)[:, None] * x32
     return y, state
-
-
-def ssd_sequential(
-    x: Float[Array, "b l h p"],
-    dt: Float[Array, "b l h"],
-    A: Float[Array, " h"],
-    B: Float[Array, "b l g n"],
-    C: Float[Array, "b l g n"],
-    D: Float[Array, " h"] | None = None,
-    initial_state: Float[Array, "b h p n"] | None = None,
-) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
-    """`ssd_step` token by token (test reference only: slow, but obviously right)."""
-    b, _, h, p = x.shape
-    n = B.shape[-1]
-    state = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
-
-    def step(state, inputs):
-        y, state = ssd_step(state, *inputs[:2], A, *inputs[2:], D)
-        return state, y
-
-    state, ys = jax.lax.scan(step, state, tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C)))
-    return jnp.moveaxis(ys, 0, 1), state

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -105,3 +106,70 @@ class MetricsWriter:
             self.jsonl.close()
             self.tensorboard.close()
             self.progress.close()
+
+
+class NonFiniteLoss(ArithmeticError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+class StepLog:
+    """The train loop's metrics: each step's device values are kept until a flush fetches them all at once
+    (so the host never waits on a step), then the logged steps are written with the throughput measured
+    since the previous flush. Compilation (the first step) and evaluation are not counted as training time.
+    """
+
+    def __init__(self, writer: MetricsWriter, log_every: int, total_steps: int, pattern: str,
+                 tokens_per_step: int, flops_per_step: float, peak_flops: float | None):
+        self.writer, self.log_every, self.total_steps, self.pattern = writer, log_every, total_steps, pattern
+        self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+        self.pending: list[tuple[int, Any]] = []
+        self.evals: dict[int, dict] = {}
+        self.clock: tuple[float, int] | None = None  # (time, step) of the last flush after compilation
+        self.last: dict[str, Any] = {}
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((step, metrics))
+        self.writer.advance(1)
+
+    def start_clock(self, step: int) -> None:
+        """`step` (the compiling one) has finished: time from here."""
+        self.clock = (time.perf_counter(), step)
+
+    def add_eval(self, step: int, results: dict, seconds: float) -> None:
+        self.evals[step] = results
+        if self.clock is not None:
+            self.clock = (self.clock[0] + seconds, self.clock[1])
+
+    def _rates(self, step: int) -> tuple[dict, int]:
+        """Throughput over the steps after the clock's step, and that step."""
+        if self.clock is None or step <= self.clock[1]:
+            return {}, step
+        seconds = (time.perf_counter() - self.clock[0]) / (step - self.clock[1])
+        rates = {"tokens_per_second": self.tokens_per_step / seconds,
+                 "model_flops_per_second": self.flops_per_step / seconds}
+        if self.peak_flops:
+            rates["mfu"] = self.flops_per_step / seconds / (self.peak_flops * jax.device_count())
+        return rates, self.clock[1]
+
+    def flush(self, step: int) -> None:
+        """Fetch the pending steps, refuse a non-finite loss (`NonFiniteLoss`), write the logged ones."""
+        fetched = jax.device_get(self.pending)
+        self.pending.clear()
+        rates, measured_after = self._rates(step)
+        self.clock = (time.perf_counter(), step) if self.clock is not None else None
+        for s, metrics in fetched:
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(s, loss)
+            if s % self.log_every and s not in (1, self.total_steps) and s not in self.evals:
+                continue
+            record = {"loss": loss, "learning_rate": float(metrics["learning_rate"]),
+                      "grad_norm": float(metrics["grad_norm"]), **(rates if s > measured_after else {})}
+            if "expert_counts" in metrics:
+                record["balance_loss"] = float(metrics["balance_loss"])
+                record["expert_load_max_over_mean"] = expert_load_imbalance(metrics["expert_counts"], self.pattern)
+            record.update(self.evals.pop(s, {}))
+            self.writer.write(s, record)
+            self.last = record

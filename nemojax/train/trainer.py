@@ -25,8 +25,8 @@ from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
 from nemojax.model import NemotronH
-from nemojax.sharding import batch_sharding, logical_shardings, make_mesh, replicated
-from nemojax.train.metrics import MetricsWriter, device_peak_flops, expert_load_imbalance
+from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
+from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
 from nemojax.loss import eval_sums, eval_totals
 from nemojax.train.step import TrainState, train_step
@@ -169,10 +169,7 @@ class Trainer:
         self.cfg = model_config(config)
         self.model = NemotronH(self.cfg)
         self.mesh = make_mesh(config.mesh)
-        expert = self.mesh.shape["expert"]
-        if expert > 1 and self.cfg.has_moe and self.cfg.n_routed_experts % expert:
-            raise ConfigError(f"config field `mesh.expert` = {expert}: must divide model.n_routed_experts = "
-                              f"{self.cfg.n_routed_experts} (each device holds whole experts)")
+        check_expert_mesh(self.mesh, self.cfg)
         self.schedule = learning_rate_schedule(config.optimizer, config.total_steps)
         self.optimizer = make_optimizer(config.optimizer, config.total_steps)
         self.checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
@@ -248,6 +245,8 @@ class Trainer:
         self.preempted = True
 
     def run(self) -> dict[str, Any]:
+        """Train from the newest checkpoint (or the start) to `total_steps`; returns the final state and
+        the last logged record."""
         config = self.config
         step_fn = jitted_train_step(config, self.model, self.optimizer, self.schedule, self.mesh,
                                     self.state_shardings)
@@ -257,74 +256,36 @@ class Trainer:
             state, rng = self._start()
         start = int(state.step)
         writer = MetricsWriter(self.workdir, start, config.total_steps, enabled=jax.process_index() == 0)
-        tokens_per_step = config.batch_size * config.seq_len
-        flops_per_step = train_flops(self.cfg, config.batch_size, config.seq_len)
-        peak = device_peak_flops(config.peak_flops_per_device)
-        pending: list[tuple[int, dict]] = []
-        last: dict[str, Any] = {}
-        timer = (None, start)  # (time, step) of the last synchronisation after the first compiled step
+        log = StepLog(writer, config.log_every, config.total_steps, self.cfg.hybrid_override_pattern,
+                      config.batch_size * config.seq_len, train_flops(self.cfg, config.batch_size, config.seq_len),
+                      device_peak_flops(config.peak_flops_per_device))
         _say(f"compiling the train step ({self.cfg.num_hidden_layers} layers, {config.batch_size} x "
              f"{config.seq_len} tokens per step) ...")
-
-        def flush(step: int) -> None:
-            """Fetch pending metrics, refuse non-finite losses, and write the logged steps."""
-            nonlocal timer, last
-            fetched = jax.device_get(pending)
-            pending.clear()
-            now = time.perf_counter()
-            rate, measured_after = {}, timer[1]  # steps after `measured_after` were timed without compiling
-            if timer[0] is not None and step > timer[1]:
-                seconds = (now - timer[0]) / (step - timer[1])
-                rate = {"tokens_per_second": tokens_per_step / seconds,
-                        "model_flops_per_second": flops_per_step / seconds}
-                if peak:
-                    rate["mfu"] = flops_per_step / seconds / (peak * jax.device_count())
-            timer = (now, step)
-            for s, metrics in fetched:
-                loss = float(metrics["loss"])
-                if not np.isfinite(loss):
-                    raise TrainingError(f"non-finite loss {loss} at step {s}: stopping; the last checkpoint "
-                                        f"(step {self.checkpoints.latest_step()}) is untouched")
-                if s % config.log_every and s not in (1, config.total_steps) and s not in evals:
-                    continue
-                record = {"loss": loss, "learning_rate": float(metrics["learning_rate"]),
-                          "grad_norm": float(metrics["grad_norm"]), **(rate if s > measured_after else {})}
-                if "expert_counts" in metrics:
-                    record["balance_loss"] = float(metrics["balance_loss"])
-                    record["expert_load_max_over_mean"] = expert_load_imbalance(
-                        metrics["expert_counts"], self.cfg.hybrid_override_pattern)
-                record.update(evals.pop(s, {}))
-                writer.write(s, record)
-                last = record
-
-        evals: dict[int, dict] = {}
         try:
             for step in range(start + 1, config.total_steps + 1):
                 batch = self._device_batch(next(self.iterator))
                 with jax.set_mesh(self.mesh):
                     state, metrics = step_fn(state, batch)
-                pending.append((step, metrics))
-                writer.advance(1)
-                if timer[0] is None:  # exclude compilation from throughput
+                log.add(step, metrics)
+                if step == start + 1:  # the compiling step: throughput is timed from its end
                     jax.block_until_ready(state)
-                    timer = (time.perf_counter(), step)
+                    log.start_clock(step)
                 is_last = step == config.total_steps
                 if config.eval_every and step % config.eval_every == 0 or is_last and self.eval_data:
                     jax.block_until_ready(state)
                     began = time.perf_counter()
-                    evals[step] = self._evaluate(state.params)
-                    if timer[0] is not None:  # evaluation time is not training throughput
-                        timer = (timer[0] + time.perf_counter() - began, timer[1])
+                    results = self._evaluate(state.params)
+                    log.add_eval(step, results, time.perf_counter() - began)
                 save = step % config.checkpoint_every == 0 or is_last or self.preempted
-                if save or step % config.log_every == 0 or step in evals:
-                    flush(step)
+                if save or step % config.log_every == 0 or step in log.evals:
+                    self._flush(log, step)
                 if save:
                     self.checkpoints.save(step, state, rng, self.iterator.get_state(), config.to_dict(), self.cfg)
                 if self.preempted:
                     self.checkpoints.wait()
                     writer.message(f"SIGTERM: saved a checkpoint at step {step}; exiting")
                     raise Preempted(step)
-            flush(config.total_steps)
+            self._flush(log, config.total_steps)
         finally:
             self.checkpoints.wait()
             self.checkpoints.close()
@@ -332,4 +293,11 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous_handler)
             if self.lock:
                 self.lock.release()
-        return {"state": state, "last": last}
+        return {"state": state, "last": log.last}
+
+    def _flush(self, log: StepLog, step: int) -> None:
+        try:
+            log.flush(step)
+        except NonFiniteLoss as e:
+            raise TrainingError(f"{e}: stopping; the last checkpoint (step {self.checkpoints.latest_step()}) "
+                                "is untouched") from None
