@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 
-from nemojax.convert import hf_to_orbax, orbax_to_hf
+from nemojax.checkpoint.conversion import hf_to_orbax, orbax_to_hf
 from tests.test_convert import write_random_checkpoint
 
 

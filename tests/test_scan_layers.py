@@ -142,7 +142,7 @@ def test_checkpoints_load_into_either_layout(tmp_path, params):
     from nemojax.checkpoint.loading import abstract_params
     from nemojax.checkpoint.orbax_io import load_params
     from tests.reference import save_params
-    from nemojax.convert import orbax_to_hf
+    from nemojax.checkpoint.conversion import orbax_to_hf
     from nemojax.checkpoint.hf import load_hf
 
     save_params(str(tmp_path / "per_layer"), params, CFG)
