@@ -8,6 +8,7 @@ exactly as if it had never stopped. SIGTERM (preemption) saves a checkpoint, the
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import sys
 import time
@@ -65,9 +66,8 @@ RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "keep_checkpoints", "log
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-    """{field: (saved, now)} for every differing field, nested fields dotted; tuples compare as lists."""
-    import json
-
+    """{field: (saved, now)} for every field both configs have that differs, nested fields dotted; tuples
+    compare as lists. A field only one side has comes from another version of nemojax and is not compared."""
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
@@ -78,7 +78,7 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, 
         return out
 
     old, new = flat(saved), flat(json.loads(json.dumps(config.to_dict())))
-    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
 
 
 def check_resume_config(step: int, saved: dict, config: ml_collections.ConfigDict) -> list[str]:
