@@ -14,9 +14,8 @@ from typing import Callable
 
 import flax.linen as nn
 
-from nemojax.checkpoint.hf_names import (Entry, ParamPath, attention_entries, copy, linear, mamba_entries,
-                                         mlp_entries, moe_entries)
 from nemojax.config import BLOCK_TYPES, ModelConfig
+from nemojax.hf_names import Entry, ParamPath, attention_entries, copy, linear, mamba_entries, mlp_entries, moe_entries
 from nemojax.layers.attention import Attention
 from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP

@@ -16,7 +16,6 @@ from nemojax.checkpoint.conversion import hf_to_orbax, orbax_to_hf
 from nemojax.checkpoint.hf import CheckpointError
 from nemojax.config import ConfigError
 
-
 # ----- command line --------------------------------------------------------------------------------
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

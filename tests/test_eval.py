@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from nemojax import ModelConfig, NemotronH
-from tests.reference import save_params
 from nemojax.evaluation import choice, choice_loglikelihoods, encode_pair, perplexity, read_choice_examples
 from nemojax.scoring import Scorer
 from nemojax.tokenizer import Tokenizer
+from tests.reference import save_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 48  # max_position_embeddings: long documents need several scoring windows

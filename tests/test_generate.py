@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import VOCAB
 from nemojax import ModelConfig, NemotronH, generate, load_hf
 from nemojax.generate import GenerationError, Sampling, sample
 from nemojax.tokenizer import ThinkingTokens
+from tests.conftest import VOCAB
 
 PROMPT_LENGTHS = (5, 11, 2, 17)
 

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import pytest
 
 import nemojax
-from benchmarks.common import CUSTOM_CALLS, export_text
 import pallas.ssd
+from benchmarks.common import CUSTOM_CALLS, export_text
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
 from nemojax.ops.platform import CPU_ONLY
 from nemojax.ops.ssd import ssd_chunked
-from pallas.attention import splash_causal_attention
 from pallas import budget
+from pallas.attention import splash_causal_attention
 from pallas.ssd import ssd, tile_plan
 from pallas.ssd_chunked import ChunkedPlan, make_plan, ssd_chunked_kernels
 from pallas.ssd_grid import GridPlan

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import nemojax
-from nemojax.checkpoint.hf import SafetensorsCheckpoint
 from nemojax.blocks import hf_table
+from nemojax.checkpoint.hf import SafetensorsCheckpoint
 from tests.reference import model_loss, next_token_loss
 
 

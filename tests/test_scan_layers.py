@@ -139,11 +139,11 @@ def test_cached_generation_with_scanned_layers_equals_the_unrolled_model(params)
 
 
 def test_checkpoints_load_into_either_layout(tmp_path, params):
+    from nemojax.checkpoint.conversion import orbax_to_hf
+    from nemojax.checkpoint.hf import load_hf
     from nemojax.checkpoint.loading import abstract_params
     from nemojax.checkpoint.orbax_io import load_params
     from tests.reference import save_params
-    from nemojax.checkpoint.conversion import orbax_to_hf
-    from nemojax.checkpoint.hf import load_hf
 
     save_params(str(tmp_path / "per_layer"), params, CFG)
     save_params(str(tmp_path / "stacked"), stack_layers(params, PATTERN), SCANNED)
@@ -166,11 +166,11 @@ def test_checkpoints_load_into_either_layout(tmp_path, params):
 
 
 def test_resume_in_the_other_layout_is_refused(tmp_path):
-    from nemojax.checkpoint.orbax_io import TrainCheckpoints
-    from nemojax.train.trainer import abstract_train_state
-    from nemojax.train.optimizer import make_optimizer
     from configs import base
+    from nemojax.checkpoint.orbax_io import TrainCheckpoints
     from nemojax.sharding import make_mesh
+    from nemojax.train.optimizer import make_optimizer
+    from nemojax.train.trainer import abstract_train_state
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
     optimizer = make_optimizer(base.get_config().optimizer, 10)

@@ -285,8 +285,8 @@ def token_file(tmp_path, length=11 * 32 + 5, vocab=256, seed=0) -> str:
 
 
 def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, micro_setup):
-    from tests.reference import save_params
     from nemojax.train.trainer import Trainer, TrainingError
+    from tests.reference import save_params
 
     _, cfg, _, params, _, _ = micro_setup
     bad = jax.tree.map(lambda p: p, params)
@@ -301,10 +301,10 @@ def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path, micro_setup):
 def test_init_from_hf_and_orbax_start_from_those_weights(tmp_path, hf_checkpoints):
     import torch
 
-    from tests.reference import save_params
     from nemojax.checkpoint.hf import load_hf
     from nemojax.data.pipeline import train_iterator
     from nemojax.train.trainer import Trainer, model_config
+    from tests.reference import save_params
 
     hf_model, hf_dir = hf_checkpoints("moe")
     vocab = hf_model.config.vocab_size

@@ -1,1 +1,1 @@
-"""Checkpoint layouts: the Hugging Face name table (`hf_names`) and readers built on it."""
+"""Checkpoints: Hub safetensors and Orbax readers, the format dispatch (`loading`), conversion and safe writing."""

@@ -32,11 +32,11 @@ from nemojax.checkpoint.hf import (
     read_config,
     set_path,
 )
-from nemojax.checkpoint.hf_names import Entry
 from nemojax.checkpoint.loading import checkpoint_format
 from nemojax.checkpoint.orbax_io import latest_checkpoint, read_model_config, restore_params_to_host, stored_params_tree
 from nemojax.checkpoint.writing import SAFETENSORS_DTYPES, StreamingShards, staged_output
 from nemojax.config import ConfigError
+from nemojax.hf_names import Entry
 from nemojax.scan_layers import is_stacked, unstack_layers
 
 # Files that travel with the weights (tokenizer, chat template, generation defaults).

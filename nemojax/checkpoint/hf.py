@@ -13,8 +13,8 @@ import numpy as np
 from safetensors import safe_open
 
 from nemojax.blocks import hf_table
-from nemojax.checkpoint.hf_names import UNSUPPORTED_PREFIXES, Entry
 from nemojax.config import ModelConfig
+from nemojax.hf_names import UNSUPPORTED_PREFIXES, Entry
 from nemojax.scan_layers import to_layout
 
 INDEX_FILE = "model.safetensors.index.json"

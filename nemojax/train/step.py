@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-from nemojax.model import NemotronH
 from nemojax.loss import lm_head_loss
+from nemojax.model import NemotronH
 
 f32 = jnp.float32
 

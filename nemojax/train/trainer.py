@@ -25,11 +25,11 @@ from nemojax.checkpoint.orbax_io import TrainCheckpoints
 from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
+from nemojax.loss import eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
 from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
-from nemojax.loss import eval_sums, eval_totals
 from nemojax.train.step import TrainState, train_step
 from nemojax.train.workdir import WorkdirLock
 
