@@ -16,7 +16,7 @@ from nemojax.config import ModelConfig
 from nemojax.data.pipeline import synthetic_eval_batches
 from nemojax.data.sources import DataError, read_documents, utf8_lines
 from nemojax.generate import generate
-from nemojax.loss import eval_sums, eval_totals
+from nemojax.loss import eval_metrics, eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.scoring import Scorer
 from nemojax.tokenizer import Tokenizer
@@ -107,8 +107,8 @@ def recall(cfg: ModelConfig, params: Any, sequences: int, seq_len: int, shuffle_
     step = jax.jit(functools.partial(eval_sums, NemotronH(cfg)))
     totals = eval_totals(step(params, {k: jnp.asarray(v) for k, v in batch.items()})
                          for batch in synthetic_eval_batches(shuffle_seed, seq_len, sequences, batch_size))
-    return {"sequences": sequences, "loss": totals["nll_sum"] / totals["targets"],
-            "recall_accuracy": totals["recall_hits"] / totals["recall_count"],
+    metrics = eval_metrics(totals)
+    return {"sequences": sequences, "loss": metrics["eval_loss"], "recall_accuracy": metrics["recall_accuracy"],
             "recalled_digits": int(totals["recall_count"])}
 
 

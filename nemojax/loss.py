@@ -6,7 +6,7 @@ batch never exist at once:
   (`_fused_loss`), which removes the full logits' softmax gradient and one of the four vocabulary-sized
   matmuls;
 - `token_logprobs`: each token's log-probability and whether it was the greedy choice (scoring);
-- `eval_sums` / `eval_totals`: summed NLL and recall hits of held-out batches (the trainer's evaluation
+- `eval_sums` / `eval_totals` / `eval_metrics`: summed NLL and recall hits of held-out batches (the trainer's evaluation
   and eval.py's recall task).
 """
 
@@ -152,3 +152,11 @@ def eval_totals(sums: Iterable[dict]) -> dict[str, float]:
         for k, v in jax.device_get(out).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return totals
+
+
+def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """`eval_loss` (mean NLL per target) and, for recall batches, `recall_accuracy`, from `eval_totals`."""
+    metrics = {"eval_loss": totals["nll_sum"] / max(totals["targets"], 1.0)}
+    if totals.get("recall_count"):
+        metrics["recall_accuracy"] = totals["recall_hits"] / totals["recall_count"]
+    return metrics

@@ -29,6 +29,7 @@ from nemojax.checkpoint.hf import (
     CheckpointError,
     SafetensorsCheckpoint,
     check_tensors,
+    error_summary,
     read_config,
     set_path,
 )
@@ -157,8 +158,7 @@ def _unreadable_is_an_error(src: str, what: str, read, *args):
     except (CheckpointError, ConfigError):
         raise
     except Exception as e:  # noqa: BLE001 - truncated or missing files surface as many different errors
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"{src}: cannot read its {what} ({type(e).__name__}: {reason})") from None
+        raise CheckpointError(f"{src}: cannot read its {what} ({error_summary(e)})") from None
 
 
 def _get_path(tree: dict, path: tuple[str, ...]) -> np.ndarray:

@@ -25,6 +25,11 @@ class CheckpointError(ValueError):
     """A checkpoint does not match what its config describes."""
 
 
+def error_summary(e: BaseException) -> str:
+    """"Type: first line of the message", for one-line reports of what Orbax / tensorstore raised."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
 def _open(file: str):
     try:
         return safe_open(file, framework="numpy")

@@ -64,11 +64,11 @@ def load_model(path: str, **runtime: Any) -> tuple[ModelConfig, Any, dict | None
         raise CheckpointError(f"checkpoint {path!r}: no such file or directory")
     path = latest_checkpoint(path)  # a training workdir or its checkpoints/ folder: the newest step
     cfg = read_checkpoint_config(path, **runtime)
-    training = _training_config(path) if checkpoint_format(path) == "orbax" else None
-    return cfg, load_checkpoint_params(path, cfg), training
+    return cfg, load_checkpoint_params(path, cfg), _training_config(path)
 
 
 def _training_config(path: str) -> dict | None:
+    """The training config a training checkpoint step carries (None for converted and HF checkpoints)."""
     if not os.path.isdir(os.path.join(path, "config")):
         return None
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nemojax.checkpoint.hf import error_summary
 from nemojax.checkpoint.loading import abstract_params, load_checkpoint_params, read_checkpoint_config
 from nemojax.checkpoint.orbax_io import TrainCheckpoints
 from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
 from nemojax.data.pipeline import eval_batches, train_iterator
 from nemojax.flops import train_flops
-from nemojax.loss import eval_sums, eval_totals
+from nemojax.loss import eval_metrics, eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
 from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
@@ -209,9 +210,8 @@ class Trainer:
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous one
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
                 moved.append(self.checkpoints.move_aside(step))
-                _say(f"checkpoint {self.checkpoints.path(step)} cannot be restored ({type(e).__name__}: {reason}); "
+                _say(f"checkpoint {self.checkpoints.path(step)} cannot be restored ({error_summary(e)}); "
                      f"moved it to {moved[-1]}")
                 continue
             self.iterator.set_state(iterator_state)
@@ -236,10 +236,7 @@ class Trainer:
             return {}
         totals = eval_totals(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
                              for batch in self.eval_data)
-        result = {"eval_loss": totals["nll_sum"] / max(totals["targets"], 1.0)}
-        if totals.get("recall_count"):
-            result["recall_accuracy"] = totals["recall_hits"] / totals["recall_count"]
-        return result
+        return eval_metrics(totals)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.preempted = True
