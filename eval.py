@@ -34,6 +34,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k most lik
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 _THINKING = flags.DEFINE_integer("max_thinking_tokens", None, "generate: reasoning budget (models with <think>)")
+_SPECULATIVE = flags.DEFINE_integer("speculative_tokens", 0, "generate: draft this many tokens per backbone call "
+                                    "with the model's MTP layers (same tokens greedily, same distribution sampled)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer.json, or `bytes`; default: the checkpoint's")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass when scoring")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "scoring window (default: max_position_embeddings)")
@@ -94,7 +96,7 @@ def run_tasks() -> dict:
             results[task] = evaluation.generate_texts(
                 cfg, params, tokenizer, _prompts(), _CHAT.value, max_new_tokens=_MAX_NEW.value,
                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                max_thinking_tokens=_THINKING.value)
+                max_thinking_tokens=_THINKING.value, speculative_tokens=_SPECULATIVE.value)
     return results
 
 

@@ -8,6 +8,12 @@ for N tokens. transformers: (time of generate(N2 tokens) - time of generate(N1))
 prefill cancels (at 256 tokens of context, where prefill is short enough not to drown the difference).
 
     python -m benchmarks.decode [--contexts 256,2048,8192] [--batch 16] [--repeats 3] [--skip-torch]
+
+Speculative decoding (`--speculative K`) times `generate` itself, batch 1, with and without K drafts per
+backbone call from a trained MTP model (configs/small_mtp.py; its docstring has the recipe), on prompts
+from the synthetic language; prefill cancels as above (N2 - N1 tokens), and the runs are paired:
+
+    python -m benchmarks.decode --speculative 3 --mtp_checkpoint /tmp/small_mtp
 """
 
 from __future__ import annotations
@@ -51,6 +57,61 @@ def per_token_seconds(run, repeats: int) -> float:
     return (long_run - short_run) / (N2 - N1)
 
 
+def speculative(checkpoint: str, k: int, pairs: int, repeats: int) -> None:
+    """Mean accepted length and tokens/s with k drafts against plain decoding, batch 1, same process."""
+    from nemojax.checkpoint.loading import load_model
+    from nemojax.data.synthetic import synthetic_example
+    from nemojax.layers.common import Decoding
+
+    cfg, params, _ = load_model(checkpoint)
+    if not cfg.num_nextn_predict_layers:
+        raise SystemExit(f"{checkpoint}: the model has no MTP layers (train configs/small_mtp.py)")
+    prompts = [synthetic_example(seed=12345, index=i, seq_len=64)["tokens"][:48].tolist() for i in range(4)]
+    short, long_ = 16, 144
+
+    def run(prompt, n, drafts):
+        return nemojax.generate(cfg, params, [prompt], n, speculative_tokens=drafts, stop_tokens=(),
+                                return_stats=True)
+
+    def per_token(prompt, drafts) -> float:
+        return (median_seconds(lambda: run(prompt, long_, drafts), repeats)
+                - median_seconds(lambda: run(prompt, short, drafts), repeats)) / (long_ - short)
+
+    lengths = []
+    for prompt in prompts:
+        plain, _ = run(prompt, long_, 0)
+        speculated, stats = run(prompt, long_, k)
+        assert speculated == plain, "speculative greedy decoding changed the tokens"
+        lengths.append(stats.mean_accepted_length)
+    print(f"{checkpoint}: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M parameters, MTP pattern "
+          f"{cfg.mtp_hybrid_override_pattern!r}; k = {k}; greedy, batch 1, {long_} new tokens after 48")
+    print(f"mean accepted length (tokens per backbone call) per prompt: {' '.join(f'{x:.2f}' for x in lengths)}; "
+          f"median {np.median(lengths):.2f}")
+
+    # What one backbone call over k + 1 positions costs against one over a single position, here.
+    model = nemojax.NemotronH(cfg)
+    lengths_ = jnp.array([48])
+    ids = jnp.asarray([prompts[0]], jnp.int32)
+    _, cache = model.apply({"params": params}, ids, Decoding(lengths_, prefill=True, max_new_tokens=64,
+                                                             slots=k + 1), method="hidden", mutable=["cache"])
+    call = jax.jit(lambda tokens: model.apply({"params": params, "cache": cache["cache"]}, tokens,
+                                              Decoding(lengths_, jnp.array([3]), 0, max_new_tokens=64, slots=k + 1),
+                                              method="hidden", mutable=["cache"]))
+    one, several = (median_seconds(lambda t=t: jax.block_until_ready(call(jnp.ones((1, t), jnp.int32))), 7, 2)
+                    for t in (1, k + 1))
+    print(f"one backbone call: 1 position {one * 1e3:.2f} ms, {k + 1} positions {several * 1e3:.2f} ms "
+          f"({several / one:.2f}x)")
+
+    ratios = []
+    for i in range(pairs):
+        prompt = prompts[i % len(prompts)]
+        plain_s, spec_s = per_token(prompt, 0), per_token(prompt, k)
+        ratios.append(plain_s / spec_s)
+        print(f"pair {i}: plain {plain_s * 1e3:.2f} ms/token ({1 / plain_s:.1f} tokens/s), speculative "
+              f"{spec_s * 1e3:.2f} ms/token ({1 / spec_s:.1f} tokens/s): {plain_s / spec_s:.2f}x")
+    print(f"speculative / plain tokens/s, median of {pairs} pairs: {np.median(ratios):.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="256,2048,8192")
@@ -58,7 +119,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=5, help="paired (matvec, decode) readings for the floor ratio")
     parser.add_argument("--skip-torch", action="store_true", help="time nemojax only")
+    parser.add_argument("--speculative", type=int, default=0, help="k: time speculative decoding instead")
+    parser.add_argument("--mtp_checkpoint", default="", help="a trained MTP model (configs/small_mtp.py)")
     args = parser.parse_args()
+    if args.speculative:
+        if not args.mtp_checkpoint:
+            parser.error("--speculative needs --mtp_checkpoint (train configs/small_mtp.py, see its docstring)")
+        return speculative(args.mtp_checkpoint, args.speculative, args.pairs, args.repeats)
     contexts = [int(c) for c in args.contexts.split(",")]
 
     import torch

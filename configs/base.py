@@ -66,6 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
         aux_loss_coef=1e-4,  # sequence-level balance loss
     ))
 
+    c.mtp = ml_collections.ConfigDict(dict(
+        # Models with MTP layers (num_nextn_predict_layers > 0): loss = lm loss + loss_weight / depths x the
+        # sum of the depths' losses (docs/models.md). 0 leaves the MTP layers untrained.
+        loss_weight=0.3,
+    ))
+
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",  # synthetic | text (txt / jsonl with a `text` field) | tokens (.npy / raw memmap)
         paths=(),  # files (globs allowed) for text and tokens

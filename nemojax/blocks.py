@@ -1,8 +1,9 @@
 """The block kinds of a hybrid pattern, in one table: what each pattern character builds, which Hub
 tensors it has, what it costs, and whether it keeps a cache when decoding.
 
-`KINDS[char]` is read by the model (mixers), `hf_table` (the checkpoint name table of a whole model),
-`nemojax.flops` and generation; a new kind, or MTP's inner blocks, needs one entry here. config.py keeps
+`KINDS[char]` is read by `Block` (the pre-norm residual block the backbone and the MTP module stack),
+`hf_table` (the checkpoint name table of a whole model), `nemojax.flops` and generation; a new kind
+needs one entry here. config.py keeps
 only the pattern characters' config.json spellings (`BLOCK_TYPES`, `HF_BLOCK_NAMES`), which it needs to
 parse a config before any of this exists.
 """
@@ -13,13 +14,18 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from nemojax.config import BLOCK_TYPES, ModelConfig
 from nemojax.hf_names import Entry, ParamPath, attention_entries, copy, linear, mamba_entries, mlp_entries, moe_entries
 from nemojax.layers.attention import Attention
+from nemojax.layers.common import Decoding
 from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP
 from nemojax.layers.moe import MoE
+from nemojax.layers.norms import RMSNorm
 
 
 def _mamba_flops(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
@@ -71,9 +77,33 @@ KINDS: dict[str, BlockKind] = {
 assert KINDS.keys() == BLOCK_TYPES.keys()
 
 
+class Block(nn.Module):
+    """x + mixer(RMSNorm(x))."""
+
+    cfg: ModelConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+        normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
+        kind = KINDS[self.kind]
+        mixer = kind.mixer(self.cfg)
+        y = mixer(normed, decoding) if kind.cached else mixer(normed)
+        return x + y.astype(x.dtype)
+
+
+def block_class(cfg: ModelConfig, scanned: bool = False) -> type[Block]:
+    """Block, rematerialised in the backward pass when `cfg.remat` asks (inside a scan the loop already
+    keeps the recomputation apart, so common-subexpression elimination need not be prevented)."""
+    if cfg.remat == "none":
+        return Block
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+    return nn.remat(Block, policy=policy, prevent_cse=not scanned)
+
+
 def hf_table(cfg: ModelConfig) -> list[Entry]:
-    """Every Hub tensor of a backbone with this config, and the nemojax parameter (per-layer layout) it
-    becomes: the one name table loading, conversion and export read."""
+    """Every Hub tensor of a model with this config (backbone, head, MTP), and the nemojax parameter
+    (per-layer layout) it becomes: the one name table loading, conversion and export read."""
     d = cfg.hidden_size
     entries = [copy("backbone.embeddings.weight", ("embed",), (cfg.vocab_size, d))]
     for i, kind in enumerate(cfg.hybrid_override_pattern):
@@ -83,4 +113,21 @@ def hf_table(cfg: ModelConfig) -> list[Entry]:
     entries.append(copy("backbone.norm_f.weight", ("norm_f", "scale"), (d,)))
     if not cfg.tie_word_embeddings:
         entries.append(linear("lm_head.weight", ("lm_head",), (d,), (cfg.vocab_size,)))
+    if cfg.num_nextn_predict_layers:
+        entries += _mtp_table(cfg)
+    return entries
+
+
+def _mtp_table(cfg: ModelConfig) -> list[Entry]:
+    """The MTP module's tensors (`nemojax.mtp`): its inner blocks are `mtp.layers.{j}`; the first also
+    holds enorm, hnorm and eh_proj, the last the final layernorm."""
+    d, last = cfg.hidden_size, len(cfg.mtp_hybrid_override_pattern) - 1
+    entries = [copy("mtp.layers.0.enorm.weight", ("mtp", "enorm", "scale"), (d,)),
+               copy("mtp.layers.0.hnorm.weight", ("mtp", "hnorm", "scale"), (d,)),
+               linear("mtp.layers.0.eh_proj.weight", ("mtp", "eh_proj"), (2 * d,), (d,))]
+    for j, kind in enumerate(cfg.mtp_hybrid_override_pattern):
+        hf, ours = f"mtp.layers.{j}", ("mtp", f"layers_{j}")
+        entries.append(copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (d,)))
+        entries += KINDS[kind].hf_entries(cfg, f"{hf}.mixer", (*ours, "mixer"))
+    entries.append(copy(f"mtp.layers.{last}.final_layernorm.weight", ("mtp", "final_layernorm", "scale"), (d,)))
     return entries

@@ -20,5 +20,16 @@ def forward_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
     return per_token * batch * seq_len + per_sequence * batch
 
 
-def train_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
-    return 3 * forward_flops(cfg, batch, seq_len)
+def mtp_flops(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """The forward FLOPs of the MTP depths: per depth eh_proj, the inner blocks and the shared LM head."""
+    d = cfg.hidden_size
+    per_token, per_sequence = 2.0 * 2 * d * d + 2.0 * d * cfg.vocab_size, 0.0
+    for kind in cfg.mtp_hybrid_override_pattern:
+        token, sequence = KINDS[kind].flops(cfg, seq_len)
+        per_token, per_sequence = per_token + token, per_sequence + sequence
+    return cfg.num_nextn_predict_layers * (per_token * batch * seq_len + per_sequence * batch)
+
+
+def train_flops(cfg: ModelConfig, batch: int, seq_len: int, with_mtp: bool = False) -> float:
+    """Forward and backward; `with_mtp` when the MTP loss is trained (mtp.loss_weight > 0)."""
+    return 3 * (forward_flops(cfg, batch, seq_len) + (mtp_flops(cfg, batch, seq_len) if with_mtp else 0.0))

@@ -3,7 +3,8 @@
 Prompts of different lengths are right-padded into one batch. Prefill keeps padding out of every cache
 (`Decoding`), and each row then decodes at its own position, so a row's tokens do not depend on the
 other prompts. Mamba layers advance by the recurrent update (constant cost per token); attention
-layers read their key/value cache up to the row's position.
+layers read their key/value cache up to the row's position. With `speculative_tokens`, models with MTP
+layers decode several tokens per backbone call instead (`nemojax.speculative`).
 """
 
 from __future__ import annotations
@@ -20,31 +21,25 @@ from jaxtyping import Array, Bool, Float, Int
 from nemojax.config import ModelConfig
 from nemojax.model import NemotronH
 from nemojax.padding import bucket_length
+from nemojax.sampling import Sampling, sample
+from nemojax.speculative import PAD, SpeculationStats, speculative_ids, stats_of
 from nemojax.tokenizer import ThinkingTokens
-
-PAD = -1  # marks the steps after a row stopped
-
 
 class GenerationError(ValueError):
     """Prompts or options that cannot be generated from."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the `top_k`
-    most likely tokens (0: all) and to the smallest set whose probability reaches `top_p`."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, max_thinking_tokens: int | None = None,
-             thinking: ThinkingTokens | None = None, thinking_grace: int = 256) -> list[list[int]]:
+             thinking: ThinkingTokens | None = None, thinking_grace: int = 256, speculative_tokens: int = 0,
+             return_stats: bool = False) -> list[list[int]] | tuple[list[list[int]], SpeculationStats]:
     """The new tokens for each prompt, up to `max_new_tokens`, ending before the first stop token
     (default: the config's eos tokens). Greedy when `temperature` is 0.
+
+    `speculative_tokens=k` drafts k tokens per step with the model's MTP module and verifies them in one
+    backbone pass (`nemojax.speculative`): the same tokens greedily, the same distribution when sampling,
+    fewer backbone calls. `return_stats=True` also returns its `SpeculationStats`.
 
     `max_thinking_tokens` bounds the reasoning of models that think between `thinking.start` and
     `thinking.end`: after that many thinking tokens an unfinished thought is closed by inserting
@@ -61,6 +56,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
         raise GenerationError("max_thinking_tokens needs `thinking=ThinkingTokens(start, end, newlines)`; "
                               "`nemojax.tokenizer.from_file(path).thinking_tokens()` reads them from a tokenizer")
     limits = np.array([max_thinking_tokens or 0, thinking_grace], np.int32)
+    _check_speculation(cfg, speculative_tokens, thinking)
 
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded = bucket_length(int(lengths.max()))
@@ -69,10 +65,22 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
         ids[row, :len(prompt)] = prompt
     thinking_now = np.array([thinking is not None and _open_thought(p, thinking) for p in prompts], bool)
     cfg = dataclasses.replace(cfg, remat="none")
+    sampling = Sampling(float(temperature), int(top_k), float(top_p))
+    if speculative_tokens:
+        out, histogram = speculative_ids(params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+                                         cfg=cfg, k=int(speculative_tokens), max_new_tokens=int(max_new_tokens),
+                                         sampling=sampling, stops=stops)
+        results = _until_stop(out, stops)
+        return (results, stats_of(histogram)) if return_stats else results
     out = _generate_ids(params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(thinking_now),
                         jnp.asarray(limits), jax.random.key(seed), cfg=cfg, max_new_tokens=int(max_new_tokens),
-                        sampling=Sampling(float(temperature), int(top_k), float(top_p)), stops=stops,
-                        thinking=thinking)
+                        sampling=sampling, stops=stops, thinking=thinking)
+    results = _until_stop(out, stops)
+    # Without speculation every token costs one backbone call: no drafts accepted.
+    return (results, SpeculationStats((sum(len(r) for r in results),))) if return_stats else results
+
+
+def _until_stop(out: Any, stops: tuple[int, ...]) -> list[list[int]]:
     results = []
     for row in np.asarray(out):
         tokens = []
@@ -82,6 +90,17 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
             tokens.append(t)
         results.append(tokens)
     return results
+
+
+def _check_speculation(cfg: ModelConfig, k: int, thinking: ThinkingTokens | None) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 0:
+        raise GenerationError(f"speculative_tokens = {k!r}: must be an integer >= 0 (0: no speculation)")
+    if k and not cfg.num_nextn_predict_layers:
+        raise GenerationError(f"speculative_tokens = {k} drafts with the model's MTP layers, and this model has "
+                              "none (num_nextn_predict_layers = 0)")
+    if k and thinking is not None:
+        raise GenerationError("speculative_tokens cannot be combined with max_thinking_tokens yet: the budget "
+                              "forces tokens one step at a time")
 
 
 def _eos_tokens(cfg: ModelConfig) -> tuple[int, ...]:
@@ -122,23 +141,6 @@ def _open_thought(prompt: list[int], thinking: ThinkingTokens) -> bool:
     last_start = max((i for i, t in enumerate(prompt) if t == start), default=-1)
     last_end = max((i for i, t in enumerate(prompt) if t == end), default=-1)
     return last_start > last_end
-
-
-def sample(logits: Float[Array, "b v"], key: jax.Array, sampling: Sampling) -> Int[Array, " b"]:
-    """One token per row from fp32 logits."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
-        kept = jnp.where(before < sampling.top_p, ordered, jnp.inf)
-        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def apply_budget(token: Int[Array, " b"], state: tuple, ids: ThinkingTokens, limits: Int[Array, "2"]

@@ -23,7 +23,8 @@ Shape = tuple[int, ...]
 ParamPath = tuple[str, ...]
 Convert = Callable[[list[np.ndarray]], list[np.ndarray]]
 
-UNSUPPORTED_PREFIXES = {"mtp.": "MTP (multi-token prediction) layers are not supported yet"}
+# Hub tensors a config can leave out, and why finding them anyway is an error.
+UNSUPPORTED_PREFIXES = {"mtp.": "MTP layers, but config.json has num_nextn_predict_layers = 0 (set it to load them)"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,12 @@ from nemojax.tokenizer import for_checkpoint
 @register_model("nemojax")
 class NemojaxLM(LM):
     """model_args: checkpoint (Orbax or HF directory), tokenizer (default: the checkpoint's), dtype,
-    batch_size, max_length (default: the model's max_position_embeddings), max_gen_toks."""
+    batch_size, max_length (default: the model's max_position_embeddings), max_gen_toks, speculative_tokens
+    (drafts per backbone call from the model's MTP layers; 0: none)."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, dtype: str | None = None,
-                 batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256, **_: Any):
+                 batch_size: int | str = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 speculative_tokens: int | str = 0, **_: Any):
         super().__init__()
         runtime = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
         self.cfg, self.params, training = load_model(checkpoint, **runtime)
@@ -38,6 +40,7 @@ class NemojaxLM(LM):
         self.scorer = Scorer(self.cfg, self.params, batch, int(max_length) if max_length is not None else None)
         self.prefix = prefix_token(self.cfg)
         self.max_gen_toks = int(max_gen_toks)
+        self.speculative_tokens = int(speculative_tokens)
 
     @property
     def tokenizer_name(self) -> str:
@@ -65,7 +68,7 @@ class NemojaxLM(LM):
                 prompts = [self.tokenizer.encode(requests[i].args[0])[-(self.scorer.max_length - max_new):]
                            or [self.prefix] for i in batch]
                 tokens = generate(self.cfg, self.params, prompts, max_new, temperature=temperature, top_k=top_k,
-                                  top_p=top_p)
+                                  top_p=top_p, speculative_tokens=self.speculative_tokens)
                 for i, new in zip(batch, tokens):
                     text = self.tokenizer.decode(new)
                     for stop in until:  # stop strings cut the text; generation itself stops at eos tokens

@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from nemojax.blocks import KINDS
+from nemojax.blocks import block_class
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, normal, param
 from nemojax.layers.norms import RMSNorm
+from nemojax.mtp import MTP
 from nemojax.scan_layers import layer_runs
 from nemojax.sharding import constrain_activations
-
-
-class Block(nn.Module):
-    """x + mixer(RMSNorm(x))."""
-
-    cfg: ModelConfig
-    kind: str
-
-    @nn.compact
-    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
-        normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
-        kind = KINDS[self.kind]
-        mixer = kind.mixer(self.cfg)
-        y = mixer(normed, decoding) if kind.cached else mixer(normed)
-        return x + y.astype(x.dtype)
-
-
-def block_class(cfg: ModelConfig, scanned: bool = False) -> type[Block]:
-    """Block, rematerialised in the backward pass when `cfg.remat` asks (inside a scan the loop already
-    keeps the recomputation apart, so common-subexpression elimination need not be prevented)."""
-    if cfg.remat == "none":
-        return Block
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-    return nn.remat(Block, policy=policy, prevent_cse=not scanned)
 
 
 class Period(nn.Module):
@@ -88,9 +64,14 @@ class NemotronH(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
                                  ("embed", "vocab"), pdt)
+        if cfg.num_nextn_predict_layers:
+            self.mtp = MTP(cfg)
+
+    def embed_tokens(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
+        return constrain_activations(jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype)))
 
     def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
-        x = constrain_activations(jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype)))
+        x = self.embed_tokens(input_ids)
         for run in self.runs:
             if run.scanned:
                 x, _ = getattr(self, run.key)(x, decoding)
@@ -106,12 +87,31 @@ class NemotronH(nn.Module):
         return jnp.einsum("...d,dv->...v", hidden, head).astype(jnp.float32)
 
     def __call__(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l v"]:
-        return self.logits(self.hidden(input_ids))
+        hidden = self.hidden(input_ids)
+        if self.is_initializing() and self.cfg.num_nextn_predict_layers:
+            self.mtp_depths(hidden, input_ids)  # creates the MTP parameters
+        return self.logits(hidden)
+
+    def mtp_hidden(self, hidden: Float[Array, "b l d"], next_ids: Int[Array, "b l"],
+                   decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+        """One MTP depth (`nemojax.mtp`): from `hidden[:, t]` and the token after what it has seen,
+        `next_ids[:, t]`, the hidden state that predicts the token after that."""
+        return self.mtp(hidden, self.embed_tokens(next_ids), decoding)
+
+    def mtp_depths(self, hidden: Float[Array, "b l d"], tokens: Int[Array, "b l"]) -> list[Float[Array, "b l d"]]:
+        """The `num_nextn_predict_layers` depths over a sequence, from the backbone's `hidden`: depth d's
+        output at t predicts tokens[:, t + d + 1] (its last d positions read padding and predict nothing)."""
+        outputs = []
+        for depth in range(1, self.cfg.num_nextn_predict_layers + 1):
+            hidden = self.mtp_hidden(hidden, jnp.pad(tokens[:, depth:], [(0, 0), (0, depth)]))
+            outputs.append(hidden)
+        return outputs
 
     def prefill(self, input_ids: Int[Array, "b l"], lengths: Int[Array, " b"], max_new_tokens: int
                 ) -> Float[Array, "b v"]:
         """Fill fresh caches from right-padded prompts of `lengths` real tokens, with room for
-        `max_new_tokens` more; returns the logits after each prompt's last token."""
+        `max_new_tokens` more; returns the logits after each prompt's last token. (Speculative decoding
+        calls `hidden` with its own `Decoding`.)"""
         x = self.hidden(input_ids, Decoding(lengths, prefill=True, max_new_tokens=max_new_tokens))
         return self.logits(x[jnp.arange(x.shape[0]), lengths - 1])
 

@@ -65,7 +65,8 @@ def plan(config, compile_step: bool = True) -> dict[str, Any]:
         "params_bytes": per_device_bytes(abstract.params),
         "optimizer_bytes": per_device_bytes(abstract.opt_state),
         "gradient_bytes": per_device_bytes(abstract.params),  # gradients take the parameters' shapes and shardings
-        "flops_per_step": train_flops(cfg, config.batch_size, config.seq_len) / devices,
+        "flops_per_step": train_flops(cfg, config.batch_size, config.seq_len,
+                                      with_mtp=config.mtp.loss_weight > 0) / devices,
     }
     if compile_step:
         batch_shape = (config.batch_size, config.seq_len)

@@ -45,13 +45,13 @@ MODELS = {
 }
 
 
-def build_hf_model(kind: str, seed: int = 0):
+def build_hf_model(kind: str, seed: int = 0, **extra_fields):
     """A transformers NemotronHForCausalLM with every weight and buffer moved away from its init value."""
     import torch
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
     torch.manual_seed(seed)
-    fields = dict(MODELS[kind])
+    fields = dict(MODELS[kind], **extra_fields)
     pattern = fields.pop("hybrid_override_pattern")
     cfg = NemotronHConfig(hybrid_override_pattern=pattern, **fields)
     cfg._experts_implementation = "eager"  # the loop over experts, the plainest reference

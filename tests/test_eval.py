@@ -26,7 +26,8 @@ CFG = ModelConfig.from_hf(dict(
     hybrid_override_pattern="M*E-", vocab_size=256, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
     head_dim=10, intermediate_size=56, mamba_num_heads=4, mamba_head_dim=10, ssm_state_size=8, n_groups=2,
     chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-    moe_shared_expert_intermediate_size=24, eos_token_id=10, bos_token_id=None, max_position_embeddings=LIMIT))
+    moe_shared_expert_intermediate_size=24, eos_token_id=10, bos_token_id=None, max_position_embeddings=LIMIT,
+    num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*-"))  # MTP: generation can speculate
 CHOICES = [
     {"context": "The sky is", "choices": [" blue", " green", " a very long answer"], "label": 0},
     {"context": "1+1=", "choices": ["2", "3"], "label": 1},
@@ -141,7 +142,8 @@ def test_eval_cli_runs_every_task(checkpoint, data, tmp_path):
     result = run_eval(f"--checkpoint={path}", "--tasks=perplexity,choice,recall,generate", "--tokenizer=bytes",
                       f"--data={data / 'docs.jsonl'}", f"--choice_data={data / 'choice.jsonl'}",
                       "--prompt=a=1 b=2 | a=", "--prompt=xyz",
-                      "--max_new_tokens=6", "--recall_sequences=4", "--recall_seq_len=40", f"--output={output}")
+                      "--max_new_tokens=6", "--recall_sequences=4", "--recall_seq_len=40", f"--output={output}",
+                      "--speculative_tokens=2")
     assert result.returncode == 0, result.stderr
     results = json.loads(output.read_text())
     assert "perplexity" in result.stdout and "mean_nll" in result.stdout
@@ -180,6 +182,8 @@ def eval_main():
     (["--checkpoint={ckpt}", "--tasks=generate", "--tokenizer=bytes", "--prompt=" + "x" * 45,
       "--max_new_tokens=8"], "prompt 0 has 45 tokens; with max_new_tokens=8 that exceeds the model's limit of 48"),
     (["--checkpoint={ckpt}", "--tasks=perplexity"], "has no tokenizer"),
+    (["--checkpoint={ckpt}", "--tasks=generate", "--tokenizer=bytes", "--prompt=x", "--speculative_tokens=-2"],
+     "speculative_tokens = -2: must be an integer >= 0"),
     (["--checkpoint={ckpt}", "--tasks=recall", "--attention_impl=flash"],
      "`attention_impl` = 'flash': must be one of ('auto', 'xla', 'cudnn', 'splash')"),
 ])
@@ -228,7 +232,8 @@ TASK_DATA = {"nj_choice": "choice.jsonl", "nj_rolling": "docs.jsonl", "nj_genera
 
 def test_lm_eval_adapter_runs_local_tasks(checkpoint, data, tmp_path):
     """`nemojax-lm-eval --model nemojax` on three local tasks (one per request type); the results equal
-    what the same model gives through nemojax's own scoring and generation."""
+    what the same model gives through nemojax's own scoring and generation (plain greedy; the adapter
+    speculates with the model's MTP layer)."""
     path, params = checkpoint
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -241,7 +246,7 @@ def test_lm_eval_adapter_runs_local_tasks(checkpoint, data, tmp_path):
            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     result = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "nemojax-lm-eval"), "--model", "nemojax", "--model_args",
-         f"checkpoint={path},tokenizer=bytes", "--batch_size", "4", "--tasks", ",".join(TASK_YAMLS),
+         f"checkpoint={path},tokenizer=bytes,speculative_tokens=3", "--batch_size", "4", "--tasks", ",".join(TASK_YAMLS),
          "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

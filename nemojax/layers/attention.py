@@ -26,6 +26,14 @@ def causal_attention_of(cfg: ModelConfig):
     return shard_map_logical(kernel[impl], in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
 
 
+def _write_new(cache: jax.Array, new: jax.Array, step: jax.Array | int) -> jax.Array:
+    """Write the new tokens' [b, kv_heads, t, head_dim] keys (or values) at each row's `step` (a scalar
+    when every row advances together: one slice update, not a scatter)."""
+    if jnp.ndim(step) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, step, axis=2)
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n, s, axis=1))(cache, new, step)
+
+
 class Attention(nn.Module):
     """Under decoding, keys and values are cached: the prompt's, and the new tokens' (see `Decoding`)."""
 
@@ -44,7 +52,7 @@ class Attention(nn.Module):
             out = causal_attention_of(cfg)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
         if decoding is not None:
             # The prompt's keys and values are written once, at prefill; each decoding step writes its
-            # own into a separate buffer (one slot per new token, the same slot in every row). Updating a
+            # own into a separate buffer (one slot per new token, from the row's `step`). Updating a
             # whole context-long cache inside the decode loop made XLA copy it every step.
             shape = (u.shape[0], nkv, decoding.max_new_tokens, hd)
             k_new, v_new = (self.variable("cache", name, jnp.zeros, shape, cdt) for name in ("new_k", "new_v"))
@@ -53,12 +61,11 @@ class Attention(nn.Module):
                 self.put_variable("cache", "prompt_v", v.transpose(0, 2, 1, 3))
             else:
                 k_prompt, v_prompt = self.get_variable("cache", "prompt_k"), self.get_variable("cache", "prompt_v")
-                k_new.value = jax.lax.dynamic_update_slice_in_dim(k_new.value, k.transpose(0, 2, 1, 3),
-                                                                  decoding.step, axis=2)
-                v_new.value = jax.lax.dynamic_update_slice_in_dim(v_new.value, v.transpose(0, 2, 1, 3),
-                                                                  decoding.step, axis=2)
-                out = cached_attention(q[:, 0], (k_prompt, k_new.value), (v_prompt, v_new.value),
-                                       (decoding.lengths, jnp.full_like(decoding.lengths, decoding.step + 1)))
-                out = out[:, None]
+                k_new.value = _write_new(k_new.value, k.transpose(0, 2, 1, 3), decoding.step)
+                v_new.value = _write_new(v_new.value, v.transpose(0, 2, 1, 3), decoding.step)
+                t = u.shape[1]
+                seen = jnp.broadcast_to(decoding.step, (u.shape[0],))[:, None] + jnp.arange(1, t + 1)  # causal
+                out = cached_attention(q, (k_prompt, k_new.value), (v_prompt, v_new.value),
+                                       (jnp.broadcast_to(decoding.lengths[:, None], seen.shape), seen))
         w_o = param(self, "o_proj", init, (nh, hd, d), ("heads", "head_dim", "embed"), pdt)
         return dense(out, w_o, 2, cdt)

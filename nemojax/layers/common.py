@@ -22,14 +22,23 @@ class Decoding:
     """A cached-inference call. Mixers with state keep it in the "cache" variable collection.
 
     Prefill (`prefill=True`): right-padded prompts of `lengths[b]` real tokens fill fresh caches, with
-    room for `max_new_tokens` more; padding never reaches a cache. A decoding step: one new token per
-    row, the row's `step`-th, at position `lengths[b] + step` (every row advances together).
+    room for `max_new_tokens` more; padding never reaches a cache. A decoding call: `t` new tokens per
+    row, at positions `lengths[b] + step[b] + i` (`step`: the row's new tokens already cached; one
+    scalar when every row advances together).
+
+    Mamba layers keep their state after each of the last call's tokens, in `slots` slots (prefill fills
+    every slot with the prompt's state), and a call continues row b from slot `resume[b]`: after a
+    speculative verification, rolling a row back to its last accepted draft is choosing that slot.
+    Attention caches need no rollback: a row reads only its first `step[b] + i + 1` new keys, so a
+    rejected draft's keys are ignored and later overwritten.
     """
 
     lengths: Int[Array, " b"]
-    step: Int[Array, ""] | int = 0
+    step: Int[Array, " b"] | Int[Array, ""] | int = 0
+    resume: Int[Array, " b"] | Int[Array, ""] | int = 0
     prefill: bool = struct.field(pytree_node=False, default=False)
     max_new_tokens: int = struct.field(pytree_node=False, default=0)
+    slots: int = struct.field(pytree_node=False, default=1)
 
 
 def param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],

@@ -61,6 +61,25 @@ def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
     return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, count, axis=0))(padded, lengths)
 
 
+def _into_slots(states: jax.Array, slots: int) -> jax.Array:
+    """[b, t, ...] states after each of t tokens -> [b, slots, ...], the last one repeated into spare slots."""
+    t = states.shape[1]
+    assert t <= slots, f"a decoding call of {t} tokens needs at least {t} Mamba cache slots, the cache has {slots}"
+    if t == slots:
+        return states
+    spare = jnp.broadcast_to(states[:, -1:], (states.shape[0], slots - t, *states.shape[2:]))
+    return jnp.concatenate([states, spare], axis=1)
+
+
+def _resumed(slots: jax.Array, resume: jax.Array | int) -> jax.Array:
+    """Each row's slot `resume[b]` of a [b, slots, ...] cache (a plain slice when every row takes the same
+    static slot, as plain decoding does: a gather would make XLA copy the cache every step)."""
+    if isinstance(resume, int):
+        return slots[:, resume]
+    rows = jnp.arange(slots.shape[0])
+    return slots[rows, jnp.broadcast_to(resume, rows.shape)]
+
+
 class Mamba2Mixer(nn.Module):
     """Training and prefill run the chunked SSD over the sequence; a decoding step runs the recurrence
     once (`ssd_step`), from the cached SSM state and the last K-1 conv inputs."""
@@ -90,14 +109,16 @@ class Mamba2Mixer(nn.Module):
                     else jnp.zeros(t.shape[2:], pdt))
             if decoding is None:
                 return causal_conv1d_silu(t, weight, bias)
-            # The cache holds the last K-1 conv inputs of each row.
-            cached = self.variable("cache", f"conv_{name}", jnp.zeros, (t.shape[0], k - 1, *t.shape[2:]), t.dtype)
+            # Per row and slot, the last K-1 conv inputs (see `Decoding`).
+            cached = self.variable("cache", f"conv_{name}", jnp.zeros,
+                                   (t.shape[0], decoding.slots, k - 1, *t.shape[2:]), t.dtype)
             if decoding.prefill:
-                cached.value = _last_tokens(t, decoding.lengths, k - 1)
+                cached.value = _into_slots(_last_tokens(t, decoding.lengths, k - 1)[:, None], decoding.slots)
                 return causal_conv1d_silu(t, weight, bias)
-            window = jnp.concatenate([cached.value, t], axis=1)
-            cached.value = window[:, 1:]
-            return conv_step(window, weight, bias)[:, None]
+            window = jnp.concatenate([_resumed(cached.value, decoding.resume), t], axis=1)
+            steps = range(t.shape[1])
+            cached.value = _into_slots(jnp.stack([window[:, i + 1:i + k] for i in steps], axis=1), decoding.slots)
+            return jnp.stack([conv_step(window[:, i:i + k], weight, bias) for i in steps], axis=1)
 
         x, B, C = conv("x", x, heads), conv("B", B, groups), conv("C", C, groups)
 
@@ -115,14 +136,21 @@ class Mamba2Mixer(nn.Module):
         if decoding is None:
             y, _ = chunked_scan(cfg)(x, dt, A, B, C, D)
         else:
-            ssm = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], h, p, n), jnp.dtype(cfg.mamba_ssm_cache_dtype))
-            if stepping:
-                y, state = ssd_step(ssm.value, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
-                y = y[:, None]
+            cache_dtype = jnp.dtype(cfg.mamba_ssm_cache_dtype)
+            ssm = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], decoding.slots, h, p, n), cache_dtype)
+            if stepping:  # the recurrence, token by token; every token's state is kept (see `Decoding`)
+                state, ys, states = _resumed(ssm.value, decoding.resume), [], []
+                for i in range(u.shape[1]):
+                    y_i, state = ssd_step(state, x[:, i], dt[:, i], A, B[:, i], C[:, i], D)
+                    state = state.astype(cache_dtype)
+                    ys.append(y_i)
+                    states.append(state)
+                y, states = jnp.stack(ys, axis=1), jnp.stack(states, axis=1)
             else:  # padded steps get dt = 0: no decay and no input, so the final state is the last real token's
                 real = jnp.arange(u.shape[1])[None, :] < decoding.lengths[:, None]
                 y, state = chunked_scan(cfg)(x, jnp.where(real[..., None], dt, 0.0), A, B, C, D)
-            ssm.value = state.astype(ssm.value.dtype)
+                states = state.astype(cache_dtype)[:, None]
+            ssm.value = _into_slots(states, decoding.slots)
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                           if cfg.rescale_prenorm_residual else cfg.initializer_range)

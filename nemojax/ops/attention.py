@@ -101,21 +101,22 @@ def _bwd(min_block, max_blocks, res, d_out):
 causal_attention.defvjp(_fwd, _bwd)
 
 
-def cached_attention(q: Float[Array, "b h d"], keys: Sequence[Float[Array, "b g t d"]],
-                     values: Sequence[Float[Array, "b g t d"]], lengths: Sequence[Int[Array, " b"]]
-                     ) -> Float[Array, "b h d"]:
-    """One query per row against cached keys kept in several parts (the prompt's, the new tokens'),
-    using the first `lengths[i][b]` entries of part i: one fp32 softmax over all of them (decoding)."""
-    b, h, d = q.shape
+def cached_attention(q: Float[Array, "b t h d"], keys: Sequence[Float[Array, "b g s d"]],
+                     values: Sequence[Float[Array, "b g s d"]], counts: Sequence[Int[Array, "b t"]]
+                     ) -> Float[Array, "b t h d"]:
+    """t queries per row against cached keys kept in several parts (the prompt's, the new tokens'):
+    query i of row b reads the first `counts[j][b, i]` entries of part j, all parts in one fp32 softmax
+    (decoding: one query per row, or a speculative draft's t)."""
+    b, t, h, d = q.shape
     g = keys[0].shape[1]
-    qg = q.reshape(b, g, h // g, d)
-    scores = [jnp.where(jnp.arange(k.shape[2]) < n[:, None, None, None],
-                        jnp.einsum("bgrd,bgtd->bgrt", qg, k, preferred_element_type=f32) / math.sqrt(d), -jnp.inf)
-              for k, n in zip(keys, lengths)]
+    qg = q.reshape(b, t, g, h // g, d)
+    scores = [jnp.where(jnp.arange(k.shape[2]) < n[:, :, None, None, None],
+                        jnp.einsum("bqgrd,bgsd->bqgrs", qg, k, preferred_element_type=f32) / math.sqrt(d), -jnp.inf)
+              for k, n in zip(keys, counts)]
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, start = 0.0, 0
     for v in values:
-        part = jax.lax.slice_in_dim(p, start, start + v.shape[2], axis=3)
-        out = out + jnp.einsum("bgrt,bgtd->bgrd", part.astype(v.dtype), v, preferred_element_type=f32)
+        part = jax.lax.slice_in_dim(p, start, start + v.shape[2], axis=4)
+        out = out + jnp.einsum("bqgrs,bgsd->bqgrd", part.astype(v.dtype), v, preferred_element_type=f32)
         start += v.shape[2]
-    return out.reshape(b, h, d).astype(q.dtype)
+    return out.reshape(b, t, h, d).astype(q.dtype)

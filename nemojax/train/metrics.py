@@ -26,7 +26,8 @@ PEAK_FLOPS = {
 
 
 def expert_load_imbalance(counts: dict[str, Any], pattern: str) -> dict[str, float]:
-    """{layers_i: max / mean expert load} from the train step's counts (stacked for scanned runs)."""
+    """{layers_i (or mtp/layers_j): max / mean expert load} from the train step's counts (stacked for
+    scanned runs); backbone layers first, in order."""
     out = {}
     for block, count in counts.items():
         count = np.asarray(count)
@@ -34,7 +35,7 @@ def expert_load_imbalance(counts: dict[str, Any], pattern: str) -> dict[str, flo
                                                          enumerate(count)]
         for layer, c in rows:
             out[layer] = float(np.max(c) / max(np.mean(c), 1e-9))
-    return dict(sorted(out.items(), key=lambda item: int(item[0].removeprefix("layers_"))))
+    return dict(sorted(out.items(), key=lambda item: (item[0].startswith("mtp/"), int(item[0].rsplit("_", 1)[1]))))
 
 
 def device_peak_flops(configured: float = 0.0) -> float | None:
@@ -170,6 +171,8 @@ class StepLog:
             if "expert_counts" in metrics:
                 record["balance_loss"] = float(metrics["balance_loss"])
                 record["expert_load_max_over_mean"] = expert_load_imbalance(metrics["expert_counts"], self.pattern)
+            for depth, value in enumerate(metrics.get("mtp_loss", ()), start=1):
+                record[f"mtp_loss_depth_{depth}"] = float(value)
             record.update(self.evals.pop(s, {}))
             self.writer.write(s, record)
             self.last = record

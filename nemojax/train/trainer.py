@@ -156,7 +156,7 @@ def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optim
     """The train step jitted with the state's shardings and the batch split over the data axes."""
     step = functools.partial(train_step, model, optimizer, grad_accum_steps=config.grad_accum_steps,
                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
-                             schedule=schedule)
+                             schedule=schedule, mtp_loss_weight=float(config.mtp.loss_weight))
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
@@ -253,9 +253,9 @@ class Trainer:
             state, rng = self._start()
         start = int(state.step)
         writer = MetricsWriter(self.workdir, start, config.total_steps, enabled=jax.process_index() == 0)
+        flops = train_flops(self.cfg, config.batch_size, config.seq_len, with_mtp=config.mtp.loss_weight > 0)
         log = StepLog(writer, config.log_every, config.total_steps, self.cfg.hybrid_override_pattern,
-                      config.batch_size * config.seq_len, train_flops(self.cfg, config.batch_size, config.seq_len),
-                      device_peak_flops(config.peak_flops_per_device))
+                      config.batch_size * config.seq_len, flops, device_peak_flops(config.peak_flops_per_device))
         _say(f"compiling the train step ({self.cfg.num_hidden_layers} layers, {config.batch_size} x "
              f"{config.seq_len} tokens per step) ...")
         try:
