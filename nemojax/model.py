@@ -43,7 +43,8 @@ class NemotronH(nn.Module):
     [embed, vocab] LM head, so a loss can fuse the head with the cross-entropy (`nemojax.loss`).
     `prefill` and `decode` are cached inference (`nemojax.generate`): apply them with
     `mutable=["cache"]`; the "cache" collection holds each Mamba layer's conv and SSM states and each
-    attention layer's keys and values.
+    attention layer's keys and values. With `num_nextn_predict_layers`, `mtp_depths` and `mtp_hidden` run
+    the MTP module (`nemojax.mtp`), whose parameters are under "mtp".
     """
 
     cfg: ModelConfig
