@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
         tokens_dtype="int32",  # raw .bin token files
         shuffle_seed=0,
         eval_sequences=64,  # synthetic: held-out sequences for loss and recall accuracy
+        # Keep packed documents apart: Mamba state, conv window and attention restart at each document
+        # (the XLA paths; the Pallas SSD and cuDNN / splash kernels do not take segment ids yet).
+        isolate_documents=False,
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices

@@ -1,5 +1,5 @@
 """The block kinds of a hybrid pattern, in one table: what each pattern character builds, which Hub
-tensors it has, what it costs, and whether it keeps a cache when decoding.
+tensors it has, what it costs, and whether it mixes positions (keeps a decoding cache, sees document boundaries).
 
 `KINDS[char]` is read by `Block` (the pre-norm residual block the backbone and the MTP module stack),
 `hf_table` (the checkpoint name table of a whole model), `nemojax.flops` and generation; a new kind
@@ -16,7 +16,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.config import BLOCK_TYPES, ModelConfig
 from nemojax.hf_names import Entry, ParamPath, attention_entries, copy, linear, mamba_entries, mlp_entries, moe_entries
@@ -64,31 +64,33 @@ class BlockKind:
     mixer: Callable[[ModelConfig], nn.Module]  # builds the block's mixer (named "mixer")
     hf_entries: Callable[[ModelConfig, str, ParamPath], list[Entry]]  # its Hub tensors under a prefix
     flops: Callable[[ModelConfig, int], tuple[float, float]]  # forward (per token, per sequence) at a length
-    cached: bool  # keeps a decoding cache, so it is called with the `Decoding` spec
+    mixes_positions: bool  # a sequence mixer: called with the `Decoding` spec (it keeps a cache) and segment ids
 
 
 KINDS: dict[str, BlockKind] = {
-    "M": BlockKind(lambda cfg: Mamba2Mixer(cfg, name="mixer"), mamba_entries, _mamba_flops, cached=True),
-    "*": BlockKind(lambda cfg: Attention(cfg, name="mixer"), attention_entries, _attention_flops, cached=True),
+    "M": BlockKind(lambda cfg: Mamba2Mixer(cfg, name="mixer"), mamba_entries, _mamba_flops, mixes_positions=True),
+    "*": BlockKind(lambda cfg: Attention(cfg, name="mixer"), attention_entries, _attention_flops, mixes_positions=True),
     "-": BlockKind(lambda cfg: MLP(cfg, cfg.intermediate_size, name="mixer"),
-                   lambda cfg, hf, ours: mlp_entries(cfg, hf, ours, cfg.intermediate_size), _mlp_flops, cached=False),
-    "E": BlockKind(lambda cfg: MoE(cfg, name="mixer"), moe_entries, _moe_flops, cached=False),
+                   lambda cfg, hf, ours: mlp_entries(cfg, hf, ours, cfg.intermediate_size), _mlp_flops, mixes_positions=False),
+    "E": BlockKind(lambda cfg: MoE(cfg, name="mixer"), moe_entries, _moe_flops, mixes_positions=False),
 }
 assert KINDS.keys() == BLOCK_TYPES.keys()
 
 
 class Block(nn.Module):
-    """x + mixer(RMSNorm(x))."""
+    """x + mixer(RMSNorm(x)). Sequence mixers also get the decoding spec and the packed documents'
+    `segment_ids` (nemojax/ops: each document then sees only itself)."""
 
     cfg: ModelConfig
     kind: str
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None,
+                 segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
         normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
         kind = KINDS[self.kind]
         mixer = kind.mixer(self.cfg)
-        y = mixer(normed, decoding) if kind.cached else mixer(normed)
+        y = mixer(normed, decoding, segment_ids) if kind.mixes_positions else mixer(normed)
         return x + y.astype(x.dtype)
 
 

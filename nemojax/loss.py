@@ -134,7 +134,7 @@ def eval_sums(model, params: Any, batch: dict) -> dict[str, Float[Array, ""]]:
     """Summed NLL and target count of a held-out batch, and (when the batch marks them) recalled-digit
     hits and count."""
     tokens, mask = batch["tokens"], batch["mask"]
-    hidden = model.apply({"params": params}, tokens, method="hidden")
+    hidden = model.apply({"params": params}, tokens, segment_ids=batch.get("segment_ids"), method="hidden")
     logprobs, greedy = token_logprobs(hidden, model.apply({"params": params}, method="head_weight"), tokens)
     weights = mask[:, 1:].astype(f32)
     out = {"nll_sum": -jnp.sum(logprobs * weights), "targets": jnp.sum(weights)}

@@ -22,10 +22,11 @@ class Period(nn.Module):
     kinds: str
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None) -> tuple[Float[Array, "b l d"], None]:
+    def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None,
+                 segment_ids: Int[Array, "b l"] | None) -> tuple[Float[Array, "b l d"], None]:
         block = block_class(self.cfg, scanned=True)
         for j, kind in enumerate(self.kinds):
-            x = constrain_activations(block(self.cfg, kind, name=f"block_{j}")(x, decoding))
+            x = constrain_activations(block(self.cfg, kind, name=f"block_{j}")(x, decoding, segment_ids))
         return x, None
 
 
@@ -71,13 +72,16 @@ class NemotronH(nn.Module):
     def embed_tokens(self, input_ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
         return constrain_activations(jnp.take(self.embed, input_ids, axis=0).astype(jnp.dtype(self.cfg.dtype)))
 
-    def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+    def hidden(self, input_ids: Int[Array, "b l"], decoding: Decoding | None = None,
+               segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
+        """Final-norm hidden states; `segment_ids` (non-decreasing per row) keeps packed documents apart:
+        each then gets exactly the hidden states it gets alone."""
         x = self.embed_tokens(input_ids)
         for run in self.runs:
             if run.scanned:
-                x, _ = getattr(self, run.key)(x, decoding)
+                x, _ = getattr(self, run.key)(x, decoding, segment_ids)
             else:
-                x = constrain_activations(getattr(self, run.key)(x, decoding))
+                x = constrain_activations(getattr(self, run.key)(x, decoding, segment_ids))
         return self.norm_f(x)
 
     def head_weight(self) -> Float[Array, "d v"]:
@@ -94,17 +98,20 @@ class NemotronH(nn.Module):
         return self.logits(hidden)
 
     def mtp_hidden(self, hidden: Float[Array, "b l d"], next_ids: Int[Array, "b l"],
-                   decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+                   decoding: Decoding | None = None, segment_ids: Int[Array, "b l"] | None = None
+                   ) -> Float[Array, "b l d"]:
         """One MTP depth (`nemojax.mtp`): from `hidden[:, t]` and the token after what it has seen,
         `next_ids[:, t]`, the hidden state that predicts the token after that."""
-        return self.mtp(hidden, self.embed_tokens(next_ids), decoding)
+        return self.mtp(hidden, self.embed_tokens(next_ids), decoding, segment_ids)
 
-    def mtp_depths(self, hidden: Float[Array, "b l d"], tokens: Int[Array, "b l"]) -> list[Float[Array, "b l d"]]:
+    def mtp_depths(self, hidden: Float[Array, "b l d"], tokens: Int[Array, "b l"],
+                   segment_ids: Int[Array, "b l"] | None = None) -> list[Float[Array, "b l d"]]:
         """The `num_nextn_predict_layers` depths over a sequence, from the backbone's `hidden`: depth d's
         output at t predicts tokens[:, t + d + 1] (its last d positions read padding and predict nothing)."""
         outputs = []
         for depth in range(1, self.cfg.num_nextn_predict_layers + 1):
-            hidden = self.mtp_hidden(hidden, jnp.pad(tokens[:, depth:], [(0, 0), (0, depth)]))
+            next_ids = jnp.pad(tokens[:, depth:], [(0, 0), (0, depth)])
+            hidden = self.mtp_hidden(hidden, next_ids, segment_ids=segment_ids)
             outputs.append(hidden)
         return outputs
 

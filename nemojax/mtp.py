@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from nemojax.blocks import block_class
 from nemojax.config import ModelConfig
@@ -31,7 +31,8 @@ class MTP(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: Float[Array, "b l d"], next_embeddings: Float[Array, "b l d"],
-                 decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+                 decoding: Decoding | None = None, segment_ids: Int[Array, "b l"] | None = None
+                 ) -> Float[Array, "b l d"]:
         cfg = self.cfg
         pdt, cdt, d = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype), cfg.hidden_size
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, pdt, name=name)  # noqa: E731
@@ -40,7 +41,7 @@ class MTP(nn.Module):
         x = dense(both, eh_proj, 1, cdt)
         block = block_class(cfg)
         for j, kind in enumerate(cfg.mtp_hybrid_override_pattern):
-            x = block(cfg, kind, name=f"layers_{j}")(x, decoding)
+            x = block(cfg, kind, name=f"layers_{j}")(x, decoding, segment_ids)
         return norm("final_layernorm")(x)
 
 

@@ -111,8 +111,8 @@ _BACKGROUND_DIRS: list[str] = []
 
 def pytest_collection_finish(session):
     """Subprocess jobs: the 8-device runs (test_sharding.py's meshes, ~1.5 minutes of mostly
-    single-threaded compilation, and the BACKGROUND_CHECKS scripts) and the README's training run: start
-    them now, on the CPU core the in-process tests leave idle."""
+    single-threaded compilation, and the BACKGROUND_CHECKS scripts), the README's training run and the
+    tiny MTP model's: start them now, on the CPU core the in-process tests leave idle."""
     from tests.test_sharding import start_check
 
     selected = [item.nodeid for item in session.items]
@@ -125,6 +125,12 @@ def pytest_collection_finish(session):
         root = tempfile.mkdtemp(prefix="nemojax-readme-")
         _BACKGROUND_DIRS.append(root)
         BACKGROUND["readme_run"] = [start_readme_run(root)]
+    if any(nodeid.startswith("tests/test_mtp.py::test_t") for nodeid in selected):  # the trained-MTP tests
+        from tests.test_mtp import start_tiny_mtp_run
+
+        root = tempfile.mkdtemp(prefix="nemojax-tiny-mtp-")
+        _BACKGROUND_DIRS.append(root)
+        BACKGROUND["tiny_mtp_run"] = [start_tiny_mtp_run(root)]
     if any(nodeid.startswith("tests/test_sharding.py::test_mesh") for nodeid in selected):
         from tests.test_sharding import start_all
 

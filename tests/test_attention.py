@@ -26,7 +26,7 @@ def test_values_and_gradients(min_block, max_blocks):
     cot = jax.random.normal(k[3], q.shape)
 
     def ours(q, key, v):
-        return causal_attention(q, key, v, min_block, max_blocks)
+        return causal_attention(q, key, v, min_block=min_block, max_blocks=max_blocks)
 
     def reference(q, key, v):
         return jax.nn.dot_product_attention(q, key, v, scale=1 / math.sqrt(d), is_causal=True)

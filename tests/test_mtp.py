@@ -297,19 +297,30 @@ def test_greedy_speculation_returns_plain_greedy_tokens(random_mtp_models, kind,
     assert len(stats.accepted) == k + 1 and stats.accepted[0] > 0  # random drafts: rejected at the first
 
 
-@pytest.fixture(scope="module")
-def trained_mtp(tmp_path_factory):
-    """configs/tiny_mtp.py trained briefly by train.py (its metrics name every MTP depth)."""
-    from nemojax.checkpoint.loading import load_model
+def start_tiny_mtp_run(root: str):
+    """configs/tiny_mtp.py trained briefly by train.py (conftest.py starts it at collection)."""
     from tests.test_train import REPO, subprocess_env, train_cli
 
-    workdir = str(tmp_path_factory.mktemp("tiny_mtp") / "run")
-    proc = train_cli(workdir, "--config.total_steps=300", "--config.eval_every=0", "--config.checkpoint_every=300",
-                     config=os.path.join(REPO, "configs", "tiny_mtp.py"), env=subprocess_env(compilation_cache=False))
-    output = proc.communicate(timeout=900)[0]
-    assert proc.returncode == 0, output[-3000:]
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    cfg, params, _ = load_model(workdir)
+    workdir, console = os.path.join(root, "run"), os.path.join(root, "console.txt")
+    with open(console, "w") as output:
+        proc = train_cli(workdir, "--config.total_steps=300", "--config.eval_every=0",
+                         "--config.checkpoint_every=300", config=os.path.join(REPO, "configs", "tiny_mtp.py"),
+                         env=subprocess_env(compilation_cache=False), output=output)
+    proc.workdir, proc.console = workdir, console
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_mtp(tmp_path_factory):
+    """The tiny MTP model (its metrics name every MTP depth)."""
+    from nemojax.checkpoint.loading import load_model
+    from tests.conftest import BACKGROUND
+
+    proc = (BACKGROUND.get("tiny_mtp_run") or [start_tiny_mtp_run(str(tmp_path_factory.mktemp("tiny_mtp")))])[0]
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, open(proc.console).read()[-3000:]
+    records = [json.loads(line) for line in open(os.path.join(proc.workdir, "metrics.jsonl"))]
+    cfg, params, _ = load_model(proc.workdir)
     return cfg, params, records
 
 
@@ -399,11 +410,10 @@ def test_sampled_speculation_draws_from_the_models_distribution(monkeypatch):
 
 
 def test_speculation_needs_mtp_layers_and_a_valid_k():
+    """Refused before any parameter is read."""
     from nemojax.generate import GenerationError
 
-    cfg = mtp_config(0)
-    params = perturbed_params(cfg)
     with pytest.raises(GenerationError, match="num_nextn_predict_layers = 0"):
-        generate(cfg, params, PROMPTS, 4, speculative_tokens=2)
+        generate(mtp_config(0), None, PROMPTS, 4, speculative_tokens=2)
     with pytest.raises(GenerationError, match="speculative_tokens = -1"):
-        generate(mtp_config(1), perturbed_params(mtp_config(1)), PROMPTS, 4, speculative_tokens=-1)
+        generate(mtp_config(1), None, PROMPTS, 4, speculative_tokens=-1)

@@ -43,10 +43,19 @@ def make_source(data: ml_collections.ConfigDict, cfg: ModelConfig, seq_len: int,
     raise DataError(f"config field `data.source` = {data.source!r}: expected synthetic, text or tokens")
 
 
+def with_segment_ids(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds `segment_ids`: the document each position belongs to, counted from the window's first
+    (a new document starts wherever the loss mask drops a document's first token)."""
+    return {**example, "segment_ids": np.cumsum(~example["mask"], dtype=np.int32) - 1}
+
+
 def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain.DatasetIterator:
-    """Batches of {"tokens", "mask", ...} with this host's share of `config.batch_size` sequences."""
+    """Batches of {"tokens", "mask", ...} with this host's share of `config.batch_size` sequences;
+    with `data.isolate_documents` also "segment_ids", which keep packed documents apart in the model."""
     source = make_source(config.data, cfg, config.seq_len, config.data.shuffle_seed)
     dataset = grain.MapDataset.source(source)
+    if config.data.isolate_documents:
+        dataset = dataset.map(with_segment_ids)
     if not isinstance(source, SyntheticSource):  # synthetic sequences are already independent draws
         dataset = dataset.shuffle(seed=config.data.shuffle_seed).repeat()
     hosts, host = jax.process_count(), jax.process_index()
@@ -60,8 +69,11 @@ def eval_batches(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[di
     """Held-out synthetic sequences (with recall positions), batched; empty for other sources."""
     if config.data.source != "synthetic" or not config.data.eval_sequences:
         return []
-    return synthetic_eval_batches(config.data.shuffle_seed, config.seq_len, config.data.eval_sequences,
-                                  config.batch_size)
+    batches = synthetic_eval_batches(config.data.shuffle_seed, config.seq_len, config.data.eval_sequences,
+                                     config.batch_size)
+    if config.data.isolate_documents:
+        batches = [{**b, "segment_ids": np.cumsum(~b["mask"], axis=1, dtype=np.int32) - 1} for b in batches]
+    return batches
 
 
 def synthetic_eval_batches(shuffle_seed: int, seq_len: int, count: int, batch_size: int

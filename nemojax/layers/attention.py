@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, dense, normal, param
@@ -13,12 +13,16 @@ from nemojax.ops.attention import cached_attention, causal_attention
 from nemojax.sharding import shard_map_logical
 
 
-def causal_attention_of(cfg: ModelConfig):
+def causal_attention_of(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     """(q, k, v) -> attention output by `cfg.attention_impl`: the XLA blockwise attention, or a fused
-    kernel (cuDNN, splash) run on each device's own (batch, heads) shard."""
+    kernel (cuDNN, splash) run on each device's own (batch, heads) shard. `segment_ids`: packed
+    documents kept apart."""
     impl = cfg.kernel_impls()[1]
     if impl == "xla":
-        return causal_attention
+        return lambda q, k, v: causal_attention(q, k, v, segment_ids)
+    if segment_ids is not None:
+        raise NotImplementedError(f"document isolation (segment_ids) is not wired to the {impl} attention "
+                                  "kernel yet: set attention_impl='xla' for packed documents kept apart")
     from pallas import attention
 
     kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}
@@ -40,7 +44,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None,
+                 segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
         cfg = self.cfg
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -49,7 +54,7 @@ class Attention(nn.Module):
         k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
         if decoding is None or decoding.prefill:
-            out = causal_attention_of(cfg)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
+            out = causal_attention_of(cfg, segment_ids)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
         if decoding is not None:
             # The prompt's keys and values are written once, at prefill; each decoding step writes its
             # own into a separate buffer (one slot per new token, from the row's `step`). Updating a

@@ -11,7 +11,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, normal, param, projection
@@ -41,11 +41,14 @@ def _conv_init(width: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def chunked_scan(cfg: ModelConfig):
+def chunked_scan(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernels,
-    which run on each device's own (batch, heads) shard."""
+    which run on each device's own (batch, heads) shard. `segment_ids`: packed documents kept apart."""
     if cfg.kernel_impls()[0] == "xla":
-        return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D)
+        return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=segment_ids)
+    if segment_ids is not None:
+        raise NotImplementedError("document isolation (segment_ids) is not in the Pallas SSD kernels yet: "
+                                  "set ssm_impl='xla' for packed documents kept apart")
     from pallas.ssd import ssd
 
     heads, groups = ("batch", "length", "ssm_heads"), ("batch", "length", "ssm_groups", None)
@@ -87,7 +90,8 @@ class Mamba2Mixer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None) -> Float[Array, "b l d"]:
+    def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None,
+                 segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
         cfg = self.cfg
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, h, p, g, n, k = (cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups,
@@ -108,7 +112,7 @@ class Mamba2Mixer(nn.Module):
             bias = (param(self, f"conv_{name}_bias", _conv_init(k), t.shape[2:], axes, pdt) if cfg.use_conv_bias
                     else jnp.zeros(t.shape[2:], pdt))
             if decoding is None:
-                return causal_conv1d_silu(t, weight, bias)
+                return causal_conv1d_silu(t, weight, bias, segment_ids)
             # Per row and slot, the last K-1 conv inputs (see `Decoding`).
             cached = self.variable("cache", f"conv_{name}", jnp.zeros,
                                    (t.shape[0], decoding.slots, k - 1, *t.shape[2:]), t.dtype)
@@ -134,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         A = -jnp.exp(A_log.astype(jnp.float32))
 
         if decoding is None:
-            y, _ = chunked_scan(cfg)(x, dt, A, B, C, D)
+            y, _ = chunked_scan(cfg, segment_ids)(x, dt, A, B, C, D)
         else:
             cache_dtype = jnp.dtype(cfg.mamba_ssm_cache_dtype)
             ssm = self.variable("cache", "ssm", jnp.zeros, (u.shape[0], decoding.slots, h, p, n), cache_dtype)

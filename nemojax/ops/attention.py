@@ -33,14 +33,19 @@ def _head_major(q, k, v):
     return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _scores(q_blk, k, start, r, scale):
-    """Scaled fp32 scores of one query block against its key prefix, future keys masked out."""
+def _scores(q_blk, k, start, r, scale, segment_ids=None):
+    """Scaled fp32 scores of one query block against its key prefix, future keys (and keys of other
+    documents, given `segment_ids` [b, l]) masked out."""
     s = jnp.einsum("bgmd,bgkd->bgmk", q_blk, k, preferred_element_type=f32) * scale
     q_pos = start + jnp.arange(q_blk.shape[2])[:, None] // r
-    return jnp.where(q_pos >= jnp.arange(k.shape[2])[None, :], s, -jnp.inf)
+    visible = q_pos >= jnp.arange(k.shape[2])[None, :]
+    if segment_ids is not None:
+        same = segment_ids[:, q_pos[:, 0], None] == segment_ids[:, None, :k.shape[2]]  # [b m k]
+        visible = visible & same[:, None]
+    return jnp.where(visible, s, -jnp.inf)
 
 
-def _forward(q, k, v, min_block, max_blocks):
+def _forward(q, k, v, segment_ids, min_block, max_blocks):
     b, length, h, d = q.shape
     g = k.shape[2]
     r = h // g
@@ -48,7 +53,7 @@ def _forward(q, k, v, min_block, max_blocks):
     scale = 1.0 / math.sqrt(d)
     outs, lses = [], []
     for start, end in _blocks(length, min_block, max_blocks):
-        s = _scores(qh[:, :, start * r:end * r], kh[:, :, :end], start, r, scale)
+        s = _scores(qh[:, :, start * r:end * r], kh[:, :, :end], start, r, scale, segment_ids)
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
         denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -59,20 +64,26 @@ def _forward(q, k, v, min_block, max_blocks):
     return out.reshape(b, length, h, d).astype(q.dtype), jnp.concatenate(lses, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def causal_attention(q: Float[Array, "b l h d"], k: Float[Array, "b l g d"], v: Float[Array, "b l g d"],
-                     min_block: int = 64, max_blocks: int = 32) -> Float[Array, "b l h d"]:
-    """softmax(q k^T / sqrt(d) + causal mask) v, with h query heads sharing g = h / r key/value heads."""
-    return _forward(q, k, v, min_block, max_blocks)[0]
+                     segment_ids: Int[Array, "b l"] | None = None, min_block: int = 64, max_blocks: int = 32
+                     ) -> Float[Array, "b l h d"]:
+    """softmax(q k^T / sqrt(d) + causal mask) v, with h query heads sharing g = h / r key/value heads;
+    with `segment_ids` (packed documents) a query sees only its own document's keys."""
+    return _causal_attention(q, k, v, segment_ids, min_block, max_blocks)
 
 
-def _fwd(q, k, v, min_block, max_blocks):
-    out, lse = _forward(q, k, v, min_block, max_blocks)
-    return out, (q, k, v, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_attention(q, k, v, segment_ids, min_block, max_blocks):
+    return _forward(q, k, v, segment_ids, min_block, max_blocks)[0]
+
+
+def _fwd(q, k, v, segment_ids, min_block, max_blocks):
+    out, lse = _forward(q, k, v, segment_ids, min_block, max_blocks)
+    return out, (q, k, v, segment_ids, out, lse)
 
 
 def _bwd(min_block, max_blocks, res, d_out):
-    q, k, v, out, lse = res
+    q, k, v, segment_ids, out, lse = res
     b, length, h, d = q.shape
     g = k.shape[2]
     r = h // g
@@ -86,7 +97,7 @@ def _bwd(min_block, max_blocks, res, d_out):
     for start, end in _blocks(length, min_block, max_blocks):
         rows = slice(start * r, end * r)
         q_blk, do_blk = qh[:, :, rows], do[:, :, rows]
-        p = jnp.exp(_scores(q_blk, kh[:, :, :end], start, r, scale) - lse[..., rows, None])
+        p = jnp.exp(_scores(q_blk, kh[:, :, :end], start, r, scale, segment_ids) - lse[..., rows, None])
         dv = dv.at[:, :, :end].add(jnp.einsum("bgmk,bgmd->bgkd", p.astype(do.dtype), do_blk,
                                               preferred_element_type=f32))
         dp = jnp.einsum("bgmd,bgkd->bgmk", do_blk, vh[:, :, :end], preferred_element_type=f32)
@@ -95,10 +106,10 @@ def _bwd(min_block, max_blocks, res, d_out):
         dk = dk.at[:, :, :end].add(jnp.einsum("bgmk,bgmd->bgkd", ds, q_blk, preferred_element_type=f32))
     dq = jnp.concatenate(dq_blocks, axis=2).reshape(b, g, length, r, d).transpose(0, 2, 1, 3, 4)
     return (dq.reshape(q.shape).astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
-            dv.transpose(0, 2, 1, 3).astype(v.dtype))
+            dv.transpose(0, 2, 1, 3).astype(v.dtype), None)
 
 
-causal_attention.defvjp(_fwd, _bwd)
+_causal_attention.defvjp(_fwd, _bwd)
 
 
 def cached_attention(q: Float[Array, "b t h d"], keys: Sequence[Float[Array, "b g s d"]],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.ops.platform import on_cpu
 
@@ -36,9 +36,25 @@ def _pre_activation(x, weight, bias):
 
 
 def causal_conv1d_silu(x: Float[Array, "b l *c"], weight: Float[Array, "k *c"],
-                       bias: Float[Array, "*c"]) -> Float[Array, "b l *c"]:
-    """silu(bias + sum_k weight[k] * x[t - K + 1 + k]), zeros before the start; channels independent."""
+                       bias: Float[Array, "*c"], segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l *c"]:
+    """silu(bias + sum_k weight[k] * x[t - K + 1 + k]), zeros before the start; channels independent.
+    With `segment_ids` (packed documents) inputs from an earlier document count as zeros too."""
+    if segment_ids is not None:
+        return _conv_silu_in_documents(x, weight, bias, segment_ids)
     return on_cpu(_conv_silu_blocked_backward, _conv_silu)(x, weight, bias)
+
+
+def _conv_silu_in_documents(x, weight, bias, segment_ids):
+    """The conv with input t - j dropped where a document starts in (t - j, t] (autodiff backward)."""
+    width, length = weight.shape[0], x.shape[1]
+    xp = jnp.pad(x.astype(f32), [(0, 0), (width - 1, 0)] + [(0, 0)] * (x.ndim - 2))
+    seg = jnp.pad(segment_ids, [(0, 0), (width - 1, 0)], constant_values=-1)
+    pre = bias.astype(f32)
+    for k in range(width):
+        same = seg[:, k:k + length] == segment_ids  # the input's document is the output's
+        same = same.reshape(*same.shape, *([1] * (x.ndim - 2)))
+        pre = pre + jnp.where(same, xp[:, k:k + length], 0.0) * weight[k].astype(f32)
+    return jax.nn.silu(pre).astype(x.dtype)
 
 
 def _conv_silu(x, weight, bias):

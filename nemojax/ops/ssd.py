@@ -12,10 +12,11 @@ The tests' token-by-token reference (`tests/reference.py::ssd_sequential`) is bu
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.ops.platform import on_cpu
 from nemojax.ops.sums import sum_last, sum_leading
@@ -32,8 +33,13 @@ def ssd_chunked(
     chunk_size: int,
     D: Float[Array, " h"] | None = None,
     initial_state: Float[Array, "b h p n"] | None = None,
+    segment_ids: Int[Array, "b l"] | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
     """Chunked SSD scan. `dt` is already discretised (softplus, clamp). Returns (y in fp32, final state).
+
+    `segment_ids` (non-decreasing per row: packed documents) restarts the recurrence at every document
+    start, so each document's outputs are what it gets alone; `initial_state` then belongs to the first
+    document and the final state to the last.
 
     The backward is written by hand (`_ssd_bwd`): it recomputes the chunk-local (Q x Q) decays
     instead of storing them and avoids the layout shuffles XLA's autodiff of the einsums inserts.
@@ -42,7 +48,7 @@ def ssd_chunked(
     n = B.shape[-1]
     D = jnp.zeros((h,), f32) if D is None else D
     init = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
-    return _ssd(x, dt, A, B, C, D, init, chunk_size)
+    return _ssd(x, dt, A, B, C, D, init, segment_ids, chunk_size)
 
 
 def _pad_time(t: jax.Array, q: int) -> jax.Array:
@@ -97,6 +103,28 @@ def _chunked_inputs(x, dt, A, B, C, q):
     return xc, dtc, Bc, Cc, on_cpu(_cumsum_as_product, lambda t: jnp.cumsum(t, axis=-1))(a)  # s: [b c g r q]
 
 
+class _SegmentMasks(NamedTuple):
+    """Where packed documents cut the recurrence, per chunk (1.0: connected, 0.0: cut), shaped to
+    broadcast against [b c g r ...]."""
+
+    same: jax.Array  # [b c 1 1 q q]: positions i and j are in one document (the in-chunk product)
+    to_end: jax.Array  # [b c 1 1 q]: position j is in the chunk's last document (its state leaves the chunk)
+    from_start: jax.Array  # [b c 1 1 q]: position i is in the document entering the chunk (reads its state)
+    carried: jax.Array  # [b c 1 1]: the entering state survives the whole chunk (no document starts in it)
+
+
+def _segment_masks(segment_ids: jax.Array | None, q: int) -> _SegmentMasks | None:
+    if segment_ids is None:
+        return None
+    seg = jnp.pad(segment_ids, [(0, 0), (0, -segment_ids.shape[1] % q)], mode="edge")  # padding joins the last
+    seg = seg.reshape(seg.shape[0], -1, q)  # [b c q]
+    end = seg[..., -1]
+    entering = jnp.concatenate([seg[:, :1, 0], end[:, :-1]], axis=1)  # the first document owns the initial state
+    as_f32 = lambda m: m.astype(f32)[:, :, None, None]  # noqa: E731
+    return _SegmentMasks(as_f32(seg[..., :, None] == seg[..., None, :]), as_f32(seg == end[..., None]),
+                         as_f32(seg == entering[..., None]), as_f32(entering == end))
+
+
 def _cumsum_as_product(a: jax.Array) -> jax.Array:
     """The in-chunk cumsum as a product with a triangular matrix: a materialised result, where XLA:CPU
     would otherwise fuse its blocked cumsum into every (Q x Q) consumer and stop vectorising them."""
@@ -104,48 +132,54 @@ def _cumsum_as_product(a: jax.Array) -> jax.Array:
     return jnp.einsum("...j,ji->...i", a, jnp.triu(jnp.ones((q, q), f32)))
 
 
-def _ssd_forward(x, dt, A, B, C, D, init, q):
+def _ssd_forward(x, dt, A, B, C, D, init, segment_ids, q):
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
     xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
+    cut = _segment_masks(segment_ids, q)
     X = xc * dtc[..., None]
     scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
-    M = scores[:, :, :, None] * _decay(s)
+    decay = _decay(s) if cut is None else _decay(s) * cut.same
+    M = scores[:, :, :, None] * decay
     y = jnp.einsum("bcgrij,bcgrjp->bcgrip", M, X)  # within chunks
     s_end = s[..., -1]
-    states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bc, X * jnp.exp(s_end[..., None] - s)[..., None])
-    ends = _linear_scan(jnp.exp(s_end), states, init.astype(f32).reshape(b, g, h // g, p, n))
+    to_end = jnp.exp(s_end[..., None] - s) if cut is None else jnp.exp(s_end[..., None] - s) * cut.to_end
+    states = jnp.einsum("bcgjn,bcgrjp->bcgrpn", Bc, X * to_end[..., None])
+    chunk_decay = jnp.exp(s_end) if cut is None else jnp.exp(s_end) * cut.carried
+    ends = _linear_scan(chunk_decay, states, init.astype(f32).reshape(b, g, h // g, p, n))
     entering = jnp.concatenate([init.astype(f32).reshape(b, 1, g, h // g, p, n), ends[:, :-1]], axis=1)
-    y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering) * jnp.exp(s)[..., None]  # from earlier chunks
+    readout = jnp.exp(s) if cut is None else jnp.exp(s) * cut.from_start
+    y = y + jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, entering) * readout[..., None]  # from earlier chunks
     y_skip = _unchunk_heads(y, length) + D.astype(f32)[:, None] * x.astype(f32)
     return y_skip, ends[:, -1].reshape(b, h, p, n), (entering, y)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd(x, dt, A, B, C, D, init, chunk_size):
-    y, final, _ = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _ssd(x, dt, A, B, C, D, init, segment_ids, chunk_size):
+    y, final, _ = _ssd_forward(x, dt, A, B, C, D, init, segment_ids, chunk_size)
     return y, final
 
 
-def _ssd_fwd(x, dt, A, B, C, D, init, chunk_size):
-    y, final, saved = _ssd_forward(x, dt, A, B, C, D, init, chunk_size)
-    return (y, final), (x, dt, A, B, C, D, init, saved)
+def _ssd_fwd(x, dt, A, B, C, D, init, segment_ids, chunk_size):
+    y, final, saved = _ssd_forward(x, dt, A, B, C, D, init, segment_ids, chunk_size)
+    return (y, final), (x, dt, A, B, C, D, init, segment_ids, saved)
 
 
 def _ssd_bwd(q, res, cotangents):
-    x, dt, A, B, C, D, init, (entering, yc) = res
+    x, dt, A, B, C, D, init, segment_ids, (entering, yc) = res
     dy, d_final = cotangents
+    cut = _segment_masks(segment_ids, q)
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
     xc, dtc, Bc, Cc, s = _chunked_inputs(x, dt, A, B, C, q)
     dyc = _chunk_heads(dy, q, g)
     X = xc * dtc[..., None]
-    s_exp = jnp.exp(s)
+    s_exp = jnp.exp(s) if cut is None else jnp.exp(s) * cut.from_start  # the read-out's decay
     s_end = s[..., -1]
-    to_end = jnp.exp(s_end[..., None] - s)
+    to_end = jnp.exp(s_end[..., None] - s) if cut is None else jnp.exp(s_end[..., None] - s) * cut.to_end
 
-    decay = _decay(s)
+    decay = _decay(s) if cut is None else _decay(s) * cut.same
     M = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)[:, :, :, None] * decay
     # Within chunks: y_i = sum_j M_ij X_j with M = (C B^T) * decay, decay_ij = exp(s_i - s_j).
     dX = jnp.einsum("bcgrij,bcgrip->bcgrjp", M, dyc)
@@ -164,7 +198,7 @@ def _ssd_bwd(q, res, cotangents):
     d_entering = jnp.einsum("bcgrip,bcgin->bcgrpn", d_readout, Cc)
 
     # Across chunks, in reverse: T_c = dE_c + exp(s_end_c) T_{c+1}, T_C = d_final.
-    chunk_decay = jnp.exp(s_end)
+    chunk_decay = jnp.exp(s_end) if cut is None else jnp.exp(s_end) * cut.carried
     d_final = d_final.astype(f32).reshape(b, g, r, p, n)
     totals = jnp.flip(_linear_scan(jnp.flip(chunk_decay, 1), jnp.flip(d_entering, 1), d_final), 1)
     d_states = jnp.concatenate([totals[:, 1:], d_final[:, None]], axis=1)  # cotangent of each chunk's state
@@ -194,7 +228,7 @@ def _ssd_bwd(q, res, cotangents):
     dC = dC.transpose(0, 1, 3, 2, 4).reshape(b, -1, g, n)[:, :length]
     dD = jnp.sum(sum_leading(dy32 * x.astype(f32), 2), axis=-1)
     return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
-            dC.astype(C.dtype), dD.astype(D.dtype), d_init.reshape(init.shape).astype(init.dtype))
+            dC.astype(C.dtype), dD.astype(D.dtype), d_init.reshape(init.shape).astype(init.dtype), None)
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)

@@ -58,21 +58,24 @@ def mtp_target_counts(model: NemotronH, tokens: Int[Array, "b l"], mask: Bool[Ar
 
 def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"],
                    target_count: Float[Array, ""], aux_loss_coef: float, mtp_loss_weight: float = 0.0,
-                   mtp_counts: Float[Array, " depths"] | None = None):
+                   mtp_counts: Float[Array, " depths"] | None = None,
+                   segment_ids: Int[Array, "b l"] | None = None):
     """(objective, (lm loss, balance loss, expert counts, MTP losses per depth)); each loss is this
     microbatch's summed NLL divided by its targets in the whole step's batch (`target_count`, and
     `mtp_counts` per MTP depth).
 
     objective = lm loss + aux_loss_coef x balance loss + mtp_loss_weight / depths x sum of the depths'
     losses (docs/models.md). With weight 0 the MTP module is not run (its gradients are zero).
+    `segment_ids` keeps packed documents apart (`data.isolate_documents`).
     """
-    hidden, state = model.apply({"params": params}, tokens, method="hidden", mutable=["intermediates"])
+    hidden, state = model.apply({"params": params}, tokens, segment_ids=segment_ids, method="hidden",
+                                mutable=["intermediates"])
     head = model.apply({"params": params}, method="head_weight").astype(hidden.dtype)
     micro_targets = jnp.sum(mask[:, 1:].astype(f32))
     lm_loss = lm_head_loss(hidden, head, tokens, mask) * micro_targets / target_count
     mtp_losses = jnp.zeros((0,), f32)
     if mtp_loss_weight and model.cfg.num_nextn_predict_layers:
-        outputs, mtp_state = model.apply({"params": params}, hidden, tokens, method="mtp_depths",
+        outputs, mtp_state = model.apply({"params": params}, hidden, tokens, segment_ids, method="mtp_depths",
                                          mutable=["intermediates"])
         state = {"intermediates": {**state.get("intermediates", {}), **mtp_state.get("intermediates", {})}}
         losses = []
@@ -113,12 +116,13 @@ def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state:
                grad_accum_steps: int, aux_loss_coef: float, bias_update_rate: float,
                schedule: optax.Schedule, mtp_loss_weight: float = 0.0) -> tuple[TrainState, dict]:
     tokens, mask = batch["tokens"], batch["mask"]
+    segment_ids = batch.get("segment_ids")
     target_count = jnp.maximum(jnp.sum(mask[:, 1:].astype(f32)), 1.0)
     mtp_counts = mtp_target_counts(model, tokens, mask)
     micro = tokens.shape[0] // grad_accum_steps
-    split = lambda t: t.reshape(grad_accum_steps, micro, *t.shape[1:])  # noqa: E731
-    objective = lambda p, t, m: loss_and_stats(model, p, t, m, target_count, aux_loss_coef,  # noqa: E731
-                                               mtp_loss_weight, mtp_counts)
+    split = lambda t: None if t is None else t.reshape(grad_accum_steps, micro, *t.shape[1:])  # noqa: E731
+    objective = lambda p, t, m, s: loss_and_stats(model, p, t, m, target_count, aux_loss_coef,  # noqa: E731
+                                                  mtp_loss_weight, mtp_counts, s)
     grad_fn = jax.grad(objective, has_aux=True)
 
     def accumulate(carry, microbatch):
@@ -127,12 +131,14 @@ def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state:
         return (jax.tree.map(jnp.add, grads, g), lm_loss + lm, balance_loss + balance / grad_accum_steps,
                 jax.tree.map(jnp.add, counts, c), mtp_losses + mtp), None
 
-    _, (_, _, count_shapes, mtp_shape) = jax.eval_shape(objective, state.params, split(tokens)[0], split(mask)[0])
+    first = lambda t: None if t is None else t[0]  # noqa: E731
+    _, (_, _, count_shapes, mtp_shape) = jax.eval_shape(objective, state.params, split(tokens)[0], split(mask)[0],
+                                                        first(split(segment_ids)))
     init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params), jnp.zeros((), f32),
             jnp.zeros((), f32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), count_shapes),
             jnp.zeros(mtp_shape.shape, f32))
-    (grads, lm_loss, balance_loss, counts, mtp_losses), _ = jax.lax.scan(accumulate, init,
-                                                                         (split(tokens), split(mask)))
+    (grads, lm_loss, balance_loss, counts, mtp_losses), _ = jax.lax.scan(
+        accumulate, init, (split(tokens), split(mask), split(segment_ids)))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
