@@ -142,8 +142,7 @@ def test_eval_cli_runs_every_task(checkpoint, data, tmp_path):
     result = run_eval(f"--checkpoint={path}", "--tasks=perplexity,choice,recall,generate", "--tokenizer=bytes",
                       f"--data={data / 'docs.jsonl'}", f"--choice_data={data / 'choice.jsonl'}",
                       "--prompt=a=1 b=2 | a=", "--prompt=xyz",
-                      "--max_new_tokens=6", "--recall_sequences=4", "--recall_seq_len=40", f"--output={output}",
-                      "--speculative_tokens=2")
+                      "--max_new_tokens=6", "--recall_sequences=4", "--recall_seq_len=40", f"--output={output}")
     assert result.returncode == 0, result.stderr
     results = json.loads(output.read_text())
     assert "perplexity" in result.stdout and "mean_nll" in result.stdout

@@ -45,7 +45,8 @@ def test_ssd_restarts_at_document_starts_values_and_gradients():
 
     args = (x, dt, A, B, C, D, init)
     np.testing.assert_allclose(packed(*args), alone(*args), rtol=1e-5)
-    for got, want in zip(jax.grad(packed, argnums=range(7))(*args), jax.grad(alone, argnums=range(7))(*args)):
+    grads = [jax.jit(jax.grad(f, argnums=range(7)))(*args) for f in (packed, alone)]
+    for got, want in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -67,6 +68,7 @@ def test_packed_window_equals_each_document_alone(hf_checkpoints, token_batch, k
     rng = np.random.default_rng(2)
     weights = jnp.asarray(rng.standard_normal((1, tokens.shape[1], cfg.vocab_size)), jnp.float32)
 
+    @jax.jit
     def logits(params, ids, segment_ids=None):
         hidden = model.apply({"params": params}, ids, segment_ids=segment_ids, method="hidden")
         return model.apply({"params": params}, hidden, method="logits")
@@ -74,13 +76,18 @@ def test_packed_window_equals_each_document_alone(hf_checkpoints, token_batch, k
     def packed(params):
         return logits(params, tokens, jnp.asarray(SEGMENTS))
 
+    rows = np.zeros((len(LENGTHS), tokens.shape[1]), np.int32)  # each document alone, right-padded (causal)
+    for row, (start, length) in enumerate(zip(STARTS, LENGTHS)):
+        rows[row, :length] = token_batch[0, start:start + length]
+
     def alone(params):
-        return jnp.concatenate([logits(params, piece) for piece in pieces(tokens)], axis=1)
+        out = logits(params, jnp.asarray(rows))
+        return jnp.concatenate([out[row:row + 1, :length] for row, length in enumerate(LENGTHS)], axis=1)
 
     np.testing.assert_allclose(packed(params), alone(params), rtol=1e-5, atol=1e-5)
     unpacked = logits(params, tokens)
     assert np.abs(np.asarray(unpacked - alone(params))[:, LENGTHS[0]:]).max() > 1e-3  # isolation changes something
-    grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * weights))(params) for f in (packed, alone)]
+    grads = [jax.jit(jax.grad(lambda p, f=f: jnp.sum(f(p) * weights)))(params) for f in (packed, alone)]
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads[0]), jax.tree.leaves(grads[1])):
         scale = max(float(jnp.abs(want).max()), 1e-6)
         np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=1e-5,

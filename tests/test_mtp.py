@@ -76,14 +76,18 @@ def test_mtp_forward_equals_the_spec(depths, token_batch):
     cfg = mtp_config(depths)
     params = perturbed_params(cfg)
     model = NemotronH(cfg)
-    hidden = model.apply({"params": params}, token_batch, method="hidden")
-    outputs = model.apply({"params": params}, hidden, token_batch, method="mtp_depths")
-    assert len(outputs) == depths
+    @jax.jit
+    def forward(params, tokens):
+        hidden = model.apply({"params": params}, tokens, method="hidden")
+        outputs = model.apply({"params": params}, hidden, tokens, method="mtp_depths")
+        return hidden, [model.apply({"params": params}, out, method="logits") for out in outputs]
+
+    hidden, logits = forward(params, token_batch)
+    assert len(logits) == depths
     for row in range(token_batch.shape[0]):
         expected = mtp_by_spec(params, cfg, np.asarray(hidden[row]), token_batch[row])
-        for depth, (out, want) in enumerate(zip(outputs, expected), start=1):
-            got = model.apply({"params": params}, out[row, :len(want)], method="logits")
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=f"depth {depth}")
+        for depth, (got, want) in enumerate(zip(logits, expected), start=1):
+            np.testing.assert_allclose(got[row, :len(want)], want, rtol=2e-4, atol=2e-4, err_msg=f"depth {depth}")
 
 
 def test_a_config_without_mtp_builds_todays_parameter_tree():
@@ -133,8 +137,8 @@ def test_mtp_gradients_reach_the_mtp_and_the_shared_embedding_and_head(token_bat
     counts = mtp_target_counts(model, tokens, mask)
 
     def grads(weight):
-        return jax.grad(lambda p: loss_and_stats(model, p, tokens, mask, jnp.sum(mask[:, 1:]), 0.0, weight,
-                                                 counts)[0])(params)
+        return jax.jit(jax.grad(lambda p: loss_and_stats(model, p, tokens, mask, jnp.sum(mask[:, 1:]), 0.0, weight,
+                                                         counts)[0]))(params)
 
     with_mtp, without = grads(0.3), grads(0.0)
     for path, g in jax.tree_util.tree_leaves_with_path(with_mtp["mtp"]):
