@@ -109,15 +109,19 @@ def hf_table(cfg: ModelConfig) -> list[Entry]:
     d = cfg.hidden_size
     entries = [copy("backbone.embeddings.weight", ("embed",), (cfg.vocab_size, d))]
     for i, kind in enumerate(cfg.hybrid_override_pattern):
-        hf, ours = f"backbone.layers.{i}", (f"layers_{i}",)
-        entries.append(copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (d,)))
-        entries += KINDS[kind].hf_entries(cfg, f"{hf}.mixer", (*ours, "mixer"))
+        entries += _block_entries(cfg, kind, f"backbone.layers.{i}", (f"layers_{i}",))
     entries.append(copy("backbone.norm_f.weight", ("norm_f", "scale"), (d,)))
     if not cfg.tie_word_embeddings:
         entries.append(linear("lm_head.weight", ("lm_head",), (d,), (cfg.vocab_size,)))
     if cfg.num_nextn_predict_layers:
         entries += _mtp_table(cfg)
     return entries
+
+
+def _block_entries(cfg: ModelConfig, kind: str, hf: str, ours: ParamPath) -> list[Entry]:
+    """One `Block`'s tensors: its pre-norm and its mixer's."""
+    return ([copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (cfg.hidden_size,))]
+            + KINDS[kind].hf_entries(cfg, f"{hf}.mixer", (*ours, "mixer")))
 
 
 def _mtp_table(cfg: ModelConfig) -> list[Entry]:
@@ -128,8 +132,6 @@ def _mtp_table(cfg: ModelConfig) -> list[Entry]:
                copy("mtp.layers.0.hnorm.weight", ("mtp", "hnorm", "scale"), (d,)),
                linear("mtp.layers.0.eh_proj.weight", ("mtp", "eh_proj"), (2 * d,), (d,))]
     for j, kind in enumerate(cfg.mtp_hybrid_override_pattern):
-        hf, ours = f"mtp.layers.{j}", ("mtp", f"layers_{j}")
-        entries.append(copy(f"{hf}.norm.weight", (*ours, "norm", "scale"), (d,)))
-        entries += KINDS[kind].hf_entries(cfg, f"{hf}.mixer", (*ours, "mixer"))
+        entries += _block_entries(cfg, kind, f"mtp.layers.{j}", ("mtp", f"layers_{j}"))
     entries.append(copy(f"mtp.layers.{last}.final_layernorm.weight", ("mtp", "final_layernorm", "scale"), (d,)))
     return entries

@@ -45,8 +45,8 @@ def make_source(data: ml_collections.ConfigDict, cfg: ModelConfig, seq_len: int,
 
 def with_segment_ids(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Adds `segment_ids`: the document each position belongs to, counted from the window's first
-    (a new document starts wherever the loss mask drops a document's first token)."""
-    return {**example, "segment_ids": np.cumsum(~example["mask"], dtype=np.int32) - 1}
+    (a new document starts wherever the loss mask drops a document's first token); one window or a batch."""
+    return {**example, "segment_ids": np.cumsum(~example["mask"], axis=-1, dtype=np.int32) - 1}
 
 
 def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain.DatasetIterator:
@@ -72,7 +72,7 @@ def eval_batches(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[di
     batches = synthetic_eval_batches(config.data.shuffle_seed, config.seq_len, config.data.eval_sequences,
                                      config.batch_size)
     if config.data.isolate_documents:
-        batches = [{**b, "segment_ids": np.cumsum(~b["mask"], axis=1, dtype=np.int32) - 1} for b in batches]
+        batches = [with_segment_ids(b) for b in batches]
     return batches
 
 
