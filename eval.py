@@ -3,6 +3,7 @@
     python eval.py --checkpoint CKPT --tasks perplexity --data docs.jsonl
     python eval.py --checkpoint CKPT --tasks choice --choice_data choices.jsonl   # {context, choices, label}
     python eval.py --checkpoint WORKDIR/checkpoints/600 --tasks recall
+    python eval.py --checkpoint SFT_WORKDIR --tasks chat   # held-out generated questions, reasoning on and off
     python eval.py --checkpoint CKPT --tasks generate --prompt "2+2=" [--nochat] [--max_thinking_tokens=512]
 
 Results are printed as a table, and written as JSON to --output when it is given.
@@ -17,7 +18,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-TASKS = ("perplexity", "choice", "recall", "generate")
+TASKS = ("perplexity", "choice", "recall", "generate", "chat")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an Orbax checkpoint directory or an HF checkpoint directory")
 _TASKS = flags.DEFINE_list("tasks", None, f"comma-separated, from {', '.join(TASKS)}")
@@ -44,6 +45,7 @@ _SSM_IMPL = flags.DEFINE_string("ssm_impl", "auto", "the chunked SSD scan: xla, 
                                  "auto (pallas on GPU/TPU, xla on the CPU)")
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "attention: xla, cudnn (GPU), splash (TPU), or auto "
                                       "(the backend's kernel, xla on the CPU)")
+_CHAT_QUESTIONS = flags.DEFINE_integer("chat_questions", 64, "chat: held-out generated questions to answer")
 _RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
 _RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
 _OUTPUT = flags.DEFINE_string("output", None, "where the results are written as JSON (default: printed only)")
@@ -58,6 +60,7 @@ for _flag, _rule, _why in (
         ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
         ("top_k", lambda v: v >= 0, "must be >= 0 (0 keeps every token)"),
         ("recall_sequences", lambda v: v >= 1, "must be >= 1"),
+        ("chat_questions", lambda v: v >= 1, "must be >= 1"),
         ("recall_seq_len", lambda v: v is None or v >= 2, "must be >= 2")):
     flags.register_validator(_flag, _rule, message=f"--{_flag} {_why}")
 
@@ -74,7 +77,7 @@ def run_tasks() -> dict:
     runtime = {"param_dtype": _DTYPE.value, "dtype": _DTYPE.value} if _DTYPE.value else {}
     runtime.update(ssm_impl=_SSM_IMPL.value, attention_impl=_ATTENTION_IMPL.value)
     cfg, params, training = load_model(_CHECKPOINT.value, **runtime)
-    needs_text = {"perplexity", "choice", "generate"} & set(_TASKS.value)
+    needs_text = {"perplexity", "choice", "generate", "chat"} & set(_TASKS.value)
     tokenizer = for_checkpoint(_CHECKPOINT.value, _TOKENIZER.value, training) if needs_text else None
     scorer = Scorer(cfg, params, _BATCH.value, _MAX_LENGTH.value)
     results: dict = {"checkpoint": os.path.abspath(_CHECKPOINT.value)}
@@ -92,6 +95,15 @@ def run_tasks() -> dict:
             seq_len = _RECALL_LEN.value or (training or {}).get("seq_len", 128)
             results[task] = evaluation.recall(cfg, params, _RECALL_SEQS.value, seq_len, data.get("shuffle_seed", 0),
                                               _BATCH.value)
+        elif task == "chat":
+            from nemojax.data.synthetic_chat import held_out_questions
+
+            data = (training or {}).get("data", {})
+            if data.get("source") != "synthetic" or (training or {}).get("task") not in ("sft", "dpo"):
+                raise evaluation.EvalError("task chat asks held-out generated questions: it needs a checkpoint "
+                                           "trained by an sft or dpo run on data.source 'synthetic'")
+            questions = held_out_questions(data.get("shuffle_seed", 0), _CHAT_QUESTIONS.value)
+            results[task] = evaluation.chat_accuracy(cfg, params, tokenizer, questions)
         else:
             results[task] = evaluation.generate_texts(
                 cfg, params, tokenizer, _prompts(), _CHAT.value, max_new_tokens=_MAX_NEW.value,

@@ -36,6 +36,9 @@ def nemotron3_model_config(**fields) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = model_config()  # replaced by each model config
+    # pretrain: next-token loss on every token. sft: on the assistant's tokens of chat conversations.
+    # dpo: direct preference optimisation on (chosen, rejected) replies against a frozen reference.
+    c.task = "pretrain"
     c.seed = 0
     c.total_steps = 10_000
     c.batch_size = 8  # sequences per optimizer step (all microbatches, all hosts)
@@ -81,8 +84,27 @@ def get_config() -> ml_collections.ConfigDict:
         shuffle_seed=0,
         eval_sequences=64,  # synthetic: held-out sequences for loss and recall accuracy
         # Keep packed documents apart: Mamba state, conv window and attention restart at each document
-        # (the XLA paths; the Pallas SSD and cuDNN / splash kernels do not take segment ids yet).
+        # (the XLA paths; the Pallas SSD and cuDNN / splash kernels do not take segment ids yet). SFT and
+        # DPO windows always keep their conversations apart.
         isolate_documents=False,
+        # sft / dpo: source synthetic (generated conversations / pairs) or chat (jsonl files at `paths`).
+        synthetic_examples=4000,  # generated conversations or pairs
+        chat_template="",  # a .jinja file replacing the tokenizer's chat template
+        overlong="truncate",  # a conversation longer than seq_len: truncate (keep its start) or drop
+    ))
+
+    c.chat = ml_collections.ConfigDict(dict(  # sft / dpo: how conversations become tokens and a loss mask
+        turns="all",  # all | last: which assistant turns carry loss (dpo: the reply)
+        enable_thinking=True,  # the template argument for conversations that do not set `enable_thinking`
+        end_of_turn="",  # text closing an assistant turn, learned with it (default: the tokenizer's eos_token)
+    ))
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1,  # the KL strength: reward = beta x (log pi - log pi_ref) of a reply
+        label_smoothing=0.0,  # conservative DPO: the chance a preference label is flipped
+        sft_loss_weight=0.0,  # + this x the chosen replies' mean token NLL (NeMo-Aligner's; RPO's alpha)
+        # model: the init_from weights, frozen beside the trained ones (no gradients, no optimizer state);
+        # precomputed: the reference's log-probabilities, computed once in a first pass (no second model).
+        reference="model",
     ))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices

@@ -128,6 +128,29 @@ def generate_texts(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, prompts:
     return [{"prompt": p, "completion": tokenizer.decode(o), "tokens": len(o)} for p, o in zip(prompts, outputs)]
 
 
+def final_answer(reply: str) -> str:
+    """A reply's answer: the text after its thinking trace (none when the thought never closes)."""
+    if "</think>" in reply:
+        return reply.rsplit("</think>", 1)[1].strip()
+    return "" if "<think>" in reply else reply.strip()
+
+
+def chat_accuracy(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, questions: Sequence[tuple[str, str]],
+                  max_new_tokens: int = 64) -> dict:
+    """Greedy answers to one-turn (question, answer) chats through the chat template, with reasoning on and
+    off: the fraction whose final answer is exactly right in each mode."""
+    if tokenizer.chat_template is None:
+        raise EvalError(f"task chat: tokenizer {tokenizer.name} has no chat template")
+    results: dict = {"questions": len(questions)}
+    for mode, thinking in (("thinking", True), ("no_thinking", False)):
+        prompts = [tokenizer.encode(tokenizer.render([{"role": "user", "content": q}], True, thinking))
+                   for q, _ in questions]
+        replies = generate(cfg, params, prompts, max_new_tokens)
+        right = [final_answer(tokenizer.decode(r)) == answer for r, (_, answer) in zip(replies, questions)]
+        results[f"accuracy_{mode}"] = sum(right) / max(1, len(right))
+    return results
+
+
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 

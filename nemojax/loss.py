@@ -38,12 +38,18 @@ def lm_head_loss(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], token
                  mask: Bool[Array, "b l"] | None = None, chunk_logits: int = 2**24) -> Float[Array, ""]:
     """Mean fp32 cross-entropy of predicting tokens[:, t+1] from hidden[:, t] @ head over unmasked targets
     (`mask[:, t]` says whether target tokens[:, t] counts; position 0 is never a target)."""
+    _, weights = _targets_and_weights(tokens, mask)
+    return weighted_nll(hidden, head, tokens, weights / jnp.maximum(jnp.sum(weights), 1.0), chunk_logits)
+
+
+def weighted_nll(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], tokens: Int[Array, "b l"],
+                 weights: Float[Array, "b l-1"], chunk_logits: int = 2**24) -> Float[Array, ""]:
+    """sum_t weights[:, t] x NLL of tokens[:, t+1] from hidden[:, t] @ head, with the fused gradient (any
+    real weights: DPO weighs each reply's tokens by the loss's derivative with respect to its log-prob)."""
     b, length, d = hidden.shape
-    targets, weights = _targets_and_weights(tokens, mask)
-    weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
     tokens_per_chunk = _tokens_per_chunk(b * (length - 1), head.shape[1], chunk_logits)
-    return _fused_loss(tokens_per_chunk)(hidden[:, :-1].reshape(-1, d), head, targets.reshape(-1),
-                                         weights.reshape(-1))
+    return _fused_loss(tokens_per_chunk)(hidden[:, :-1].reshape(-1, d), head, tokens[:, 1:].reshape(-1),
+                                         weights.reshape(-1).astype(f32))
 
 
 def token_logprobs(hidden: Float[Array, "b l d"], head: Float[Array, "d v"], tokens: Int[Array, "b l"],

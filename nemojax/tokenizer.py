@@ -7,9 +7,12 @@ tokenizer_config.json or chat_template.jinja next to tokenizer.json) is rendered
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +57,29 @@ class Tokenizer:
         return (ord(text) if len(text) == 1 and ord(text) < 256 else None) if self.hf is None \
             else self.hf.token_to_id(text)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids and the character offset in `text` where each token starts."""
+        if self.hf is None:
+            ids = list(text.encode("utf-8"))
+            char_of_byte = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
+            return ids, char_of_byte.astype(np.int64)
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        return encoding.ids, np.asarray([start for start, _ in encoding.offsets], np.int64).reshape(-1)
+
+    def with_template(self, chat_template: str) -> "Tokenizer":
+        return Tokenizer(self.hf, chat_template, self.special, self.name)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool, enable_thinking: bool = True,
+               **extra) -> str:
+        """The chat template applied (jinja2, as transformers does it): the one rendering path for
+        generation prompts, SFT conversations and DPO pairs."""
+        return _compiled(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            **{**self.special, **{k: v for k, v in extra.items() if v is not None}})
+
     def chat(self, user_message: str, enable_thinking: bool = True) -> str:
         """The text of a one-turn conversation ready for the assistant's reply."""
-        import jinja2
-
-        template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
-        return template.render(messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-                               enable_thinking=enable_thinking, **self.special)
+        return self.render([{"role": "user", "content": user_message}], True, enable_thinking)
 
     def thinking_tokens(self) -> ThinkingTokens | None:
         """<think> / </think> ids and every token whose text holds a newline, if the vocabulary has them."""
@@ -69,6 +88,22 @@ class Tokenizer:
             return None
         newlines = tuple(i for i in range(self.vocab_size) if "\n" in self.decode([i]))
         return ThinkingTokens(start, end, newlines)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    """A chat template compiled once, in transformers' sandboxed environment (trim_blocks, lstrip_blocks,
+    `tojson` without HTML escaping, `raise_exception`)."""
+    import jinja2
+    import jinja2.sandbox
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 
 def from_file(path: str) -> Tokenizer:
@@ -106,6 +141,10 @@ def for_checkpoint(checkpoint: str, override: str | None, training_config: dict 
         tried.append(file)
     data = (training_config or {}).get("data", {})
     if data.get("source") == "synthetic":
+        if (training_config or {}).get("task") in ("sft", "dpo"):  # trained on the generated chats
+            from nemojax.data.synthetic_chat import TEMPLATE
+
+            return Tokenizer().with_template(TEMPLATE)
         return Tokenizer()
     if data.get("tokenizer"):
         return from_file(data["tokenizer"])

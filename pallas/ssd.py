@@ -13,11 +13,12 @@ what `pallas/budget.py` checks against the devices we claim.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from nemojax.ops.platform import target_backend
 from pallas import budget
 from pallas.ssd_chunked import make_plan, ssd_chunked_kernels
+from pallas.ssd_common import document_starts
 from pallas.ssd_grid import GridPlan, ssd_grid_kernels
 
 f32 = jnp.float32
@@ -34,12 +35,14 @@ def ssd(
     chunk_size: int,
     D: Float[Array, " h"] | None = None,
     initial_state: Float[Array, "b h p n"] | None = None,
+    segment_ids: Int[Array, "b l"] | None = None,
     *,
     variant: str | None = None,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "b l h p"], Float[Array, "b h p n"]]:
-    """Same contract as `ssd_chunked`: (y in fp32, final state). `variant` and `interpret` default from
-    the target backend: "chunked" on GPU, "grid" on TPU, "grid" interpreted on the CPU."""
+    """Same contract as `ssd_chunked`: (y in fp32, final state), packed documents (`segment_ids`) kept
+    apart. `variant` and `interpret` default from the target backend: "chunked" on GPU, "grid" on TPU,
+    "grid" interpreted on the CPU."""
     backend = target_backend()
     variant = variant or DEFAULT_VARIANTS.get(backend, "grid")
     interpret = backend not in ("tpu", "gpu") if interpret is None else interpret
@@ -48,7 +51,7 @@ def ssd(
     plan = tile_plan(variant, chunk_size, p, n, x.dtype, interpret)
     init = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state
     kernels = ssd_chunked_kernels if variant == "chunked" else ssd_grid_kernels
-    y, final = kernels(x, dt, A, B, C, init, plan)
+    y, final = kernels(x, dt, A, B, C, init, document_starts(segment_ids, x.shape[:2]), plan)
     if D is not None:
         y = y + D.astype(f32)[:, None] * x.astype(f32)
     return y, final

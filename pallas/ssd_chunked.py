@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas import budget
-from pallas.ssd_common import pad
+from pallas.ssd_common import DOCUMENT_RESET, pad
 
 f32 = jnp.float32
 ROW_BLOCKS = (64, 32, 16, 8, 4, 2, 1)  # candidates, largest first: the plan takes the largest that fits
@@ -298,13 +298,14 @@ def _state_pass(plan: ChunkedPlan, increments, chunk_decay, first, reverse: bool
     return out.reshape(b, c, h, p, n), last.reshape(b, h, p, n)
 
 
-def _prepare(x, dt, A, B, C, plan):
+def _prepare(x, dt, A, B, C, starts, plan):
     """Padded kernel inputs, and the in-chunk cumulative log-decays s and chunk decays e^{s_end}."""
     b, length, h, _ = x.shape
     q = plan.chunk
     padded = -(-length // q) * q
     dt32 = pad(dt.astype(f32), padded)
-    a = (dt32 * A.astype(f32)).reshape(b, padded // q, q, h)
+    a = dt32 * A.astype(f32) - DOCUMENT_RESET * pad(starts, padded)[..., None]
+    a = a.reshape(b, padded // q, q, h)
     s = jnp.cumsum(a, axis=2)
     chunk_decay = jnp.exp(s[:, :, -1, :]).transpose(0, 2, 1)  # [b, h, c]
     head_major = lambda t: t.reshape(b, padded, h).transpose(0, 2, 1)  # noqa: E731
@@ -341,27 +342,28 @@ def _forward(plan, seqs, chunk_decay, init):
     return y, final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def ssd_chunked_kernels(x, dt, A, B, C, init, plan: ChunkedPlan):
-    """(y in fp32 without the D term, final state): `pallas.ssd.ssd`'s GPU path with an explicit plan."""
-    return _ssd_fwd(x, dt, A, B, C, init, plan)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def ssd_chunked_kernels(x, dt, A, B, C, init, starts, plan: ChunkedPlan):
+    """(y in fp32 without the D term, final state): `pallas.ssd.ssd`'s GPU path with an explicit plan;
+    `starts` [b, l] marks packed documents' first positions (`ssd_common.document_starts`)."""
+    return _ssd_fwd(x, dt, A, B, C, init, starts, plan)[0]
 
 
-def _ssd_fwd(x, dt, A, B, C, init, plan):
+def _ssd_fwd(x, dt, A, B, C, init, starts, plan):
     b, length, h, p = x.shape
     n = B.shape[-1]
-    seqs, chunk_decay, _ = _prepare(x, dt, A, B, C, plan)
+    seqs, chunk_decay, _ = _prepare(x, dt, A, B, C, starts, plan)
     y, final = _forward(plan, seqs, chunk_decay, _pad_state(init, plan.head_dim, plan.state))
     out = (y[:, :length, :, :p], final[:, :, :p, :n])
-    return out, (x, dt, A, B, C, init)
+    return out, (x, dt, A, B, C, init, starts)
 
 
 def _ssd_bwd(plan, residuals, cotangents):
-    x, dt, A, B, C, init = residuals
+    x, dt, A, B, C, init, starts = residuals
     dy, d_final = cotangents
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
-    seqs, chunk_decay, padded = _prepare(x, dt, A, B, C, plan)
+    seqs, chunk_decay, padded = _prepare(x, dt, A, B, C, starts, plan)
     xp, dtp, s, Bp, Cp = seqs
     q, pp, np_ = plan.chunk, plan.head_dim, plan.state
     c = padded // q
@@ -396,7 +398,7 @@ def _ssd_bwd(plan, residuals, cotangents):
     dA = jnp.sum(da * dt32, axis=(0, 2))
     dB, dC = (t[:, :length, :, :n].reshape(b, length, g, h // g, n).sum(3) for t in (dB_h, dC_h))
     return (dx[:, :length, :, :p].astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
-            dC.astype(C.dtype), d_init[:, :, :p, :n].astype(init.dtype))
+            dC.astype(C.dtype), d_init[:, :, :p, :n].astype(init.dtype), jnp.zeros_like(starts))
 
 
 ssd_chunked_kernels.defvjp(_ssd_fwd, _ssd_bwd)

@@ -19,14 +19,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas import budget
-from pallas.ssd_common import pad
+from pallas.ssd_common import DOCUMENT_RESET, pad
 
 f32 = jnp.float32
 
 
-def ssd_grid_kernels(x, dt, A, B, C, init, plan: "GridPlan"):
-    """(y in fp32 without the D term, final state): `pallas.ssd.ssd`'s TPU path with an explicit plan."""
-    return _ssd(x, dt, A, B, C, init, plan)
+def ssd_grid_kernels(x, dt, A, B, C, init, starts, plan: "GridPlan"):
+    """(y in fp32 without the D term, final state): `pallas.ssd.ssd`'s TPU path with an explicit plan;
+    `starts` [b, l] marks packed documents' first positions (`ssd_common.document_starts`)."""
+    return _ssd(x, dt, A, B, C, init, starts, plan)
 
 
 # ----- static plan: chunking, padding, layouts and block specs ----------------------------------------
@@ -246,11 +247,11 @@ def _backward_kernel(x_ref, dt_ref, a_ref, B_ref, C_ref, states_ref, dy_ref, d_f
 # ----- the custom VJP: padding, layouts, and the reductions outside the kernels -----------------------
 
 
-def _kernel_inputs(x, dt, A, B, C, plan):
+def _kernel_inputs(x, dt, A, B, C, starts, plan):
     """Head-major inputs with time padded to whole chunks (Mosaic takes the full head_dim and state)."""
     padded = -(-x.shape[1] // plan.chunk) * plan.chunk
     dt32 = dt.astype(f32)[..., None]  # [b, l, h, 1]: a column per chunk
-    a = dt32 * A.astype(f32)[:, None]
+    a = dt32 * A.astype(f32)[:, None] - DOCUMENT_RESET * starts[:, :, None, None]
     return [plan.to_layout(pad(t, padded)) for t in (x, dt32, a, B, C)], padded
 
 
@@ -259,10 +260,10 @@ def _forward_specs(plan, padded, p, n, r):
             plan.seq_spec(padded, n, r), plan.seq_spec(padded, n, r), plan.state_spec(p, n)]
 
 
-def _run_forward(x, dt, A, B, C, init, plan, emit_states):
+def _run_forward(x, dt, A, B, C, init, starts, plan, emit_states):
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
-    inputs, padded = _kernel_inputs(x, dt, A, B, C, plan)
+    inputs, padded = _kernel_inputs(x, dt, A, B, C, starts, plan)
     n_chunks = padded // plan.chunk
     kernel = functools.partial(_forward_kernel, plan=plan, n_chunks=n_chunks, emit_states=emit_states)
     if emit_states:
@@ -279,22 +280,22 @@ def _run_forward(x, dt, A, B, C, init, plan, emit_states):
     return plan.from_layout(y)[:, :length], final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd(x, dt, A, B, C, init, plan):
-    return _run_forward(x, dt, A, B, C, init, plan, emit_states=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd(x, dt, A, B, C, init, starts, plan):
+    return _run_forward(x, dt, A, B, C, init, starts, plan, emit_states=False)
 
 
-def _ssd_fwd(x, dt, A, B, C, init, plan):
-    return _ssd(x, dt, A, B, C, init, plan), (x, dt, A, B, C, init)
+def _ssd_fwd(x, dt, A, B, C, init, starts, plan):
+    return _ssd(x, dt, A, B, C, init, starts, plan), (x, dt, A, B, C, init, starts)
 
 
 def _ssd_bwd(plan, residuals, cotangents):
-    x, dt, A, B, C, init = residuals
+    x, dt, A, B, C, init, starts = residuals
     dy, d_final = cotangents
     b, length, h, p = x.shape
     g, n = B.shape[-2:]
-    states = _run_forward(x, dt, A, B, C, init, plan, emit_states=True)
-    inputs, padded = _kernel_inputs(x, dt, A, B, C, plan)
+    states = _run_forward(x, dt, A, B, C, init, starts, plan, emit_states=True)
+    inputs, padded = _kernel_inputs(x, dt, A, B, C, starts, plan)
     n_chunks = padded // plan.chunk
     seq, time = plan.seq_spec(padded, p, reverse=True), plan.seq_spec(padded, 1, reverse=True)
     group_seq = plan.seq_spec(padded, n, h // g, reverse=True)
@@ -318,7 +319,7 @@ def _ssd_bwd(plan, residuals, cotangents):
     ddt = ddt + da * A.astype(f32)  # a = dt * A
     dA = jnp.sum(da * dt32, axis=(0, 1))
     return (dx.astype(x.dtype), ddt.astype(dt.dtype), dA.astype(A.dtype), dB.astype(B.dtype),
-            dC.astype(C.dtype), d_init.astype(init.dtype))
+            dC.astype(C.dtype), d_init.astype(init.dtype), jnp.zeros_like(starts))
 
 
 _ssd.defvjp(_ssd_fwd, _ssd_bwd)

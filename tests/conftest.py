@@ -125,6 +125,16 @@ def pytest_collection_finish(session):
         root = tempfile.mkdtemp(prefix="nemojax-readme-")
         _BACKGROUND_DIRS.append(root)
         BACKGROUND["readme_run"] = [start_readme_run(root)]
+    if "tests/test_posttrain.py::test_sft_then_dpo_raise_held_out_accuracy" in selected:
+        from tests.test_posttrain import start_posttrain_chain
+        from tests.test_train import start_readme_run
+
+        root = tempfile.mkdtemp(prefix="nemojax-posttrain-")
+        _BACKGROUND_DIRS.append(root)
+        pretraining = (BACKGROUND.get("readme_run") or [None])[0]
+        if pretraining is None:
+            BACKGROUND["posttrain_pretraining"] = [pretraining := start_readme_run(root)]
+        BACKGROUND["posttrain_chain"] = [start_posttrain_chain(root, pretraining.workdir)]
     if any(nodeid.startswith("tests/test_mtp.py::test_t") for nodeid in selected):  # the trained-MTP tests
         from tests.test_mtp import start_tiny_mtp_run
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,28 @@ def pieces(t, axis=1):
     return [jax.lax.slice_in_dim(t, int(a), int(b), axis=axis) for a, b in zip(STARTS[:-1], STARTS[1:])]
 
 
-def test_ssd_restarts_at_document_starts_values_and_gradients():
+def pallas_ssd(variant):
+    """The Pallas kernels, interpreted; the chunked driver with 4-row blocks (its row loops run)."""
+    from pallas.ssd import ssd
+    from pallas.ssd_chunked import make_plan, ssd_chunked_kernels
+    from pallas.ssd_common import document_starts
+
+    if variant == "grid":
+        return lambda *a, segment_ids=None, **k: ssd(*a, segment_ids=segment_ids, variant="grid", interpret=True, **k)
+
+    def chunked(x, dt, A, B, C, chunk_size, D, initial_state=None, segment_ids=None):
+        b, length, h, p = x.shape
+        init = jnp.zeros((b, h, p, B.shape[-1])) if initial_state is None else initial_state
+        plan = make_plan(chunk_size, p, B.shape[-1], x.dtype, interpret=True, rows=4)
+        y, final = ssd_chunked_kernels(x, dt, A, B, C, init, document_starts(segment_ids, (b, length)), plan)
+        return y + D[:, None] * x, final
+    return chunked
+
+
+@pytest.mark.parametrize("impl", ["xla", "grid", "chunked"])
+def test_ssd_restarts_at_document_starts_values_and_gradients(impl):
+    """The XLA scan and both Pallas drivers (interpreted), against the XLA scan of each document."""
+    scan = ssd_chunked if impl == "xla" else pallas_ssd(impl)
     rng = np.random.default_rng(0)
     b, h, p, g, n, length = 1, 4, 3, 2, 5, sum(LENGTHS)
     x = jnp.asarray(rng.standard_normal((b, length, h, p)), jnp.float32)
@@ -33,7 +56,7 @@ def test_ssd_restarts_at_document_starts_values_and_gradients():
     weights = jnp.asarray(rng.standard_normal((b, length, h, p)), jnp.float32)
 
     def packed(x, dt, A, B, C, D, init):
-        y, final = ssd_chunked(x, dt, A, B, C, 8, D=D, initial_state=init, segment_ids=jnp.asarray(SEGMENTS))
+        y, final = scan(x, dt, A, B, C, 8, D=D, initial_state=init, segment_ids=jnp.asarray(SEGMENTS))
         return jnp.sum(y * weights) + jnp.sum(final ** 2)
 
     def alone(x, dt, A, B, C, D, init):
@@ -50,6 +73,19 @@ def test_ssd_restarts_at_document_starts_values_and_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_splash_attention_keeps_documents_apart():
+    """Splash (interpreted) with segment ids equals the XLA attention of each document alone."""
+    from nemojax.ops.attention import causal_attention
+    from pallas.attention import splash_causal_attention
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, sum(LENGTHS), 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, sum(LENGTHS), 2, 16)), jnp.float32) for _ in range(2))
+    packed = splash_causal_attention(q, k, v, jnp.asarray(SEGMENTS), interpret=True)
+    alone = jnp.concatenate([causal_attention(*parts) for parts in zip(*(pieces(t) for t in (q, k, v)))], axis=1)
+    np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_does_not_look_back_across_a_document_start():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, sum(LENGTHS), 3)), jnp.float32)
@@ -59,10 +95,11 @@ def test_conv_does_not_look_back_across_a_document_start():
     np.testing.assert_allclose(packed, alone, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_packed_window_equals_each_document_alone(hf_checkpoints, token_batch, kind):
-    """Logits and every parameter's gradient (XLA scan and attention, fp32)."""
+@pytest.mark.parametrize("kind, ssm_impl", [("dense", "xla"), ("moe", "xla"), ("dense", "pallas"), ("moe", "pallas")])
+def test_packed_window_equals_each_document_alone(hf_checkpoints, token_batch, kind, ssm_impl):
+    """Logits and every parameter's gradient (fp32; the XLA SSD scan or the interpreted Pallas kernels)."""
     cfg, params = load_hf(hf_checkpoints(kind)[1])
+    cfg = dataclasses.replace(cfg, ssm_impl=ssm_impl)
     model = NemotronH(cfg)
     tokens = jnp.asarray(token_batch[:1])
     rng = np.random.default_rng(2)

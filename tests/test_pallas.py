@@ -69,7 +69,7 @@ def chunked_with_rows(rows):
         init = jnp.zeros((*x.shape[:1], x.shape[2], x.shape[3], B.shape[-1])) if initial_state is None \
             else initial_state
         plan = make_plan(chunk_size, x.shape[-1], B.shape[-1], x.dtype, interpret=True, rows=rows)
-        y, final = ssd_chunked_kernels(x, dt, A, B, C, init, plan)
+        y, final = ssd_chunked_kernels(x, dt, A, B, C, init, jnp.zeros(x.shape[:2]), plan)
         return y + D[:, None] * x.astype(jnp.float32), final
     return fn
 
@@ -214,8 +214,9 @@ def test_an_oversized_tile_fails_the_budget():
 
 
 # ----- a whole train step, lowered for the accelerators ---------------------------------------------------
-def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str) -> str:
-    """The project's train step for a small MoE hybrid (Mamba, attention, MoE blocks), exported."""
+def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str, packed: bool = False) -> str:
+    """The project's train step for a small MoE hybrid (Mamba, attention, MoE blocks), exported; `packed`:
+    with segment ids (SFT / DPO windows)."""
     import flax.linen as nn
 
     from configs import base
@@ -231,20 +232,25 @@ def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str) -> str
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), tokens)["params"]))
     state = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params)
     batch = {"tokens": jax.ShapeDtypeStruct(tokens.shape, jnp.int32), "mask": jax.ShapeDtypeStruct(tokens.shape, bool)}
+    if packed:
+        batch["segment_ids"] = jax.ShapeDtypeStruct(tokens.shape, jnp.int32)
     step = functools.partial(train_step, model, optimizer, grad_accum_steps=1, aux_loss_coef=1e-4,
                              bias_update_rate=1e-3, schedule=schedule)
     return export_text(step, (state, batch), platform)
 
 
-@pytest.mark.parametrize("platform, ssm_impl, attention_impl, kernels", [
-    ("cuda", "auto", "xla", 2 * 8),  # auto: the chunked SSD kernels (cuDNN attention needs cuDNN to lower)
-    ("tpu", "auto", "auto", 2 * 3 + 2),  # auto: the grid SSD kernels and splash attention
-    ("cpu", "xla", "xla", 0)])
-def test_train_step_lowers_with_kernels_and_without_cpu_workarounds(platform, ssm_impl, attention_impl, kernels):
+@pytest.mark.parametrize("platform, ssm_impl, attention_impl, kernels, packed", [
+    ("cuda", "auto", "xla", 2 * 8, True),  # auto: the chunked SSD kernels (cuDNN attention needs cuDNN to lower)
+    ("tpu", "auto", "auto", 2 * 3 + 2, False),  # auto: the grid SSD kernels and splash attention
+    ("tpu", "auto", "auto", 2 * 3 + 2, True),
+    ("cpu", "xla", "xla", 0, False)])
+def test_train_step_lowers_with_kernels_and_without_cpu_workarounds(platform, ssm_impl, attention_impl, kernels,
+                                                                    packed):
     """Lowered for cuda or tpu, the train step holds the target's kernels (two Mamba layers' SSD, and splash
-    on TPU) and none of the XLA:CPU workarounds (`ops/platform.py`: the matmul VJP, ones-vector sums, the
-    blocked grouped matmul), but ragged_dot; lowered for the CPU, it holds the workarounds."""
-    text = lowered_train_step(platform, ssm_impl, attention_impl)
+    on TPU; with packed documents too) and none of the XLA:CPU workarounds (`ops/platform.py`: the matmul
+    VJP, ones-vector sums, the blocked grouped matmul), but ragged_dot; lowered for the CPU, it holds the
+    workarounds."""
+    text = lowered_train_step(platform, ssm_impl, attention_impl, packed)
     if platform == "cpu":
         assert CPU_ONLY in text and "ragged_dot" not in text
         return

@@ -247,7 +247,8 @@ def test_weight_decay_and_training_exclusions(micro_setup):
 def test_correction_bias_moves_a_skewed_router_toward_uniform_load(micro_setup):
     """Tilt the router toward experts 0 and 1 along the MoE inputs' mean direction, then apply the train
     step's bias update from measured loads: the load approaches uniform (max / mean -> 1)."""
-    from nemojax.train.step import _moe_stats, update_correction_biases
+    from nemojax.layers.moe import moe_stats
+    from nemojax.train.step import update_correction_biases
 
     _, cfg, model, params, _, _ = micro_setup
     params = jax.tree.map(lambda p: p, params)
@@ -263,7 +264,7 @@ def test_correction_bias_moves_a_skewed_router_toward_uniform_load(micro_setup):
     @jax.jit
     def loads(params):
         _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
-        return _moe_stats(state["intermediates"])[0]
+        return moe_stats(state["intermediates"])[0]
 
     history = []
     for _ in range(60):

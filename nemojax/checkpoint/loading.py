@@ -40,7 +40,8 @@ def checkpoint_format(path: str) -> str:
 
 def read_checkpoint_config(path: str, **runtime: Any) -> ModelConfig:
     """The architecture a checkpoint stores, with `runtime` fields set (parameters keep its dtype unless
-    `param_dtype=` says otherwise)."""
+    `param_dtype=` says otherwise). A training workdir means its newest checkpoint."""
+    path = latest_checkpoint(path)
     return read_model_config(path, **runtime) if checkpoint_format(path) == "orbax" else read_config(path, **runtime)
 
 
@@ -48,6 +49,7 @@ def load_checkpoint_params(path: str, cfg: ModelConfig, abstract: Any | None = N
     """`path`'s parameters for a model built from `cfg` (its layout and dtype), placed like `abstract`
     (ShapeDtypeStructs with shardings; default: `abstract_params(cfg)`, one device)."""
     abstract = abstract_params(cfg) if abstract is None else abstract
+    path = latest_checkpoint(path)
     if checkpoint_format(path) == "orbax":
         return load_params(path, abstract)
     _, params = load_hf(path, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers)

@@ -6,12 +6,16 @@ reads exactly the batches an uninterrupted one would have, mid-epoch included.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import grain
 import jax
 import ml_collections
 import numpy as np
 
 from nemojax.config import ConfigError, ModelConfig
+from nemojax.data import posttrain
+from nemojax.data.packing import PackedWindows
 from nemojax.data.sources import DataError, TokenWindows, expand_paths, open_token_file, tokenize_text_files
 from nemojax.data.synthetic import SyntheticSource
 
@@ -49,12 +53,22 @@ def with_segment_ids(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**example, "segment_ids": np.cumsum(~example["mask"], axis=-1, dtype=np.int32) - 1}
 
 
-def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain.DatasetIterator:
+def train_source(config: ml_collections.ConfigDict, cfg: ModelConfig, log: Callable[[str], None] = print):
+    """The task's random-access source: token windows (pretraining) or packed chat windows (SFT, DPO;
+    what packing did is logged)."""
+    if config.task == "pretrain":
+        return make_source(config.data, cfg, config.seq_len, config.data.shuffle_seed)
+    arrays, stats = posttrain.windows(config, cfg)
+    posttrain.describe(config, stats, log)
+    return PackedWindows(arrays)
+
+
+def batches(config: ml_collections.ConfigDict, source) -> grain.DatasetIterator:
     """Batches of {"tokens", "mask", ...} with this host's share of `config.batch_size` sequences;
-    with `data.isolate_documents` also "segment_ids", which keep packed documents apart in the model."""
-    source = make_source(config.data, cfg, config.seq_len, config.data.shuffle_seed)
+    with `data.isolate_documents` also "segment_ids", which keep packed documents apart in the model
+    (packed chat windows always carry them)."""
     dataset = grain.MapDataset.source(source)
-    if config.data.isolate_documents:
+    if config.data.isolate_documents and config.task == "pretrain":
         dataset = dataset.map(with_segment_ids)
     if not isinstance(source, SyntheticSource):  # synthetic sequences are already independent draws
         dataset = dataset.shuffle(seed=config.data.shuffle_seed).repeat()
@@ -65,10 +79,20 @@ def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig) -> grain
     return iter(dataset.to_iter_dataset())
 
 
+def train_iterator(config: ml_collections.ConfigDict, cfg: ModelConfig, log: Callable[[str], None] = print
+                   ) -> grain.DatasetIterator:
+    return batches(config, train_source(config, cfg, log))
+
+
 def eval_batches(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
-    """Held-out synthetic sequences (with recall positions), batched; empty for other sources."""
+    """Held-out sequences (synthetic pretraining: with recall positions; SFT / DPO: generated conversations
+    / pairs, `data.eval_sequences` of them), batched; empty for file sources."""
     if config.data.source != "synthetic" or not config.data.eval_sequences:
         return []
+    if config.task != "pretrain":
+        arrays, _ = posttrain.windows(config, cfg, held_out=True)
+        size = min(config.batch_size, len(arrays["tokens"]))
+        return [{k: v[i:i + size] for k, v in arrays.items()} for i in range(0, len(arrays["tokens"]) - size + 1, size)]
     batches = synthetic_eval_batches(config.data.shuffle_seed, config.seq_len, config.data.eval_sequences,
                                      config.batch_size)
     if config.data.isolate_documents:

@@ -20,14 +20,14 @@ def causal_attention_of(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     impl = cfg.kernel_impls()[1]
     if impl == "xla":
         return lambda q, k, v: causal_attention(q, k, v, segment_ids)
-    if segment_ids is not None:
-        raise NotImplementedError(f"document isolation (segment_ids) is not wired to the {impl} attention "
-                                  "kernel yet: set attention_impl='xla' for packed documents kept apart")
     from pallas import attention
 
-    kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}
+    kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}[impl]
     q_axes, kv_axes = ("batch", "length", "heads", None), ("batch", "length", "kv_heads", None)
-    return shard_map_logical(kernel[impl], in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
+    if segment_ids is None:
+        return shard_map_logical(kernel, in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
+    packed = shard_map_logical(kernel, in_axes=(q_axes, kv_axes, kv_axes, ("batch", "length")), out_axes=q_axes)
+    return lambda q, k, v: packed(q, k, v, segment_ids)
 
 
 def _write_new(cache: jax.Array, new: jax.Array, step: jax.Array | int) -> jax.Array:

@@ -46,16 +46,17 @@ def chunked_scan(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     which run on each device's own (batch, heads) shard. `segment_ids`: packed documents kept apart."""
     if cfg.kernel_impls()[0] == "xla":
         return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=segment_ids)
-    if segment_ids is not None:
-        raise NotImplementedError("document isolation (segment_ids) is not in the Pallas SSD kernels yet: "
-                                  "set ssm_impl='xla' for packed documents kept apart")
     from pallas.ssd import ssd
 
     heads, groups = ("batch", "length", "ssm_heads"), ("batch", "length", "ssm_groups", None)
-    return shard_map_logical(
-        lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, cfg.chunk_size, D=D),
-        in_axes=((*heads, None), heads, ("ssm_heads",), groups, groups, ("ssm_heads",)),
-        out_axes=[(*heads, None), ("batch", "ssm_heads", None, None)])
+    in_axes = ((*heads, None), heads, ("ssm_heads",), groups, groups, ("ssm_heads",))
+    out_axes = [(*heads, None), ("batch", "ssm_heads", None, None)]
+    if segment_ids is None:
+        return shard_map_logical(lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, cfg.chunk_size, D=D),
+                                 in_axes=in_axes, out_axes=out_axes)
+    scan = shard_map_logical(lambda x, dt, A, B, C, D, seg: ssd(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=seg),
+                             in_axes=(*in_axes, ("batch", "length")), out_axes=out_axes)
+    return lambda x, dt, A, B, C, D: scan(x, dt, A, B, C, D, segment_ids)
 
 
 def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:

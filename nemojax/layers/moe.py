@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,26 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(u)
         return y
+
+
+def _moe_stats(intermediates) -> tuple[dict, dict]:
+    """{MoE block: expert token counts} and {MoE block: balance losses} from the sown values. A block is
+    named by its parameter path ("layers_2", "mtp/layers_1", or "scan_0/block_5" whose values are
+    stacked over the run's repeats: counts [repeats, E]); a block called several times (the MTP module,
+    once per depth) adds its counts up."""
+    counts, balance = {}, {}
+    for path, value in flax.traverse_util.flatten_dict(intermediates).items():
+        block = "/".join(path[:-2])
+        if path[-1] == "expert_counts":
+            counts[block] = sum(value)
+        elif path[-1] == "balance_loss":
+            balance[block] = jnp.stack(value)
+    return counts, balance
+
+
+def moe_stats(intermediates) -> tuple[dict, Float[Array, ""]]:
+    """({MoE block: expert counts}, the balance loss averaged over MoE layers) from the sown values."""
+    counts, balance = _moe_stats(intermediates)
+    if not balance:
+        return counts, jnp.zeros((), jnp.float32)
+    return counts, sum(jnp.sum(v) for v in balance.values()) / sum(v.size for v in balance.values())

@@ -15,6 +15,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from nemojax.scan_layers import layer_name
+from nemojax.train.dpo import METRICS as DPO_METRICS
 
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -171,6 +172,7 @@ class StepLog:
             if "expert_counts" in metrics:
                 record["balance_loss"] = float(metrics["balance_loss"])
                 record["expert_load_max_over_mean"] = expert_load_imbalance(metrics["expert_counts"], self.pattern)
+            record.update({k: float(metrics[k]) for k in DPO_METRICS if k in metrics})
             for depth, value in enumerate(metrics.get("mtp_loss", ()), start=1):
                 record[f"mtp_loss_depth_{depth}"] = float(value)
             record.update(self.evals.pop(s, {}))

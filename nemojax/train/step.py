@@ -18,6 +18,8 @@ from jaxtyping import Array, Bool, Float, Int
 from nemojax.loss import lm_head_loss
 from nemojax.model import NemotronH
 from nemojax.mtp import depth_targets
+from nemojax.layers.moe import moe_stats
+from nemojax.train.dpo import Preference, dpo_objective
 
 f32 = jnp.float32
 
@@ -26,27 +28,6 @@ class TrainState(NamedTuple):
     step: Int[Array, ""]
     params: Any
     opt_state: Any
-
-
-def _moe_stats(intermediates) -> tuple[dict, dict]:
-    """{MoE block: expert token counts} and {MoE block: balance losses} from the sown values. A block is
-    named by its parameter path ("layers_2", "mtp/layers_1", or "scan_0/block_5" whose values are
-    stacked over the run's repeats: counts [repeats, E]); a block called several times (the MTP module,
-    once per depth) adds its counts up."""
-    counts, balance = {}, {}
-    for path, value in flax.traverse_util.flatten_dict(intermediates).items():
-        block = "/".join(path[:-2])
-        if path[-1] == "expert_counts":
-            counts[block] = sum(value)
-        elif path[-1] == "balance_loss":
-            balance[block] = jnp.stack(value)
-    return counts, balance
-
-
-def _mean_over_layers(balance: dict) -> Float[Array, ""]:
-    if not balance:
-        return jnp.zeros((), f32)
-    return sum(jnp.sum(v) for v in balance.values()) / sum(v.size for v in balance.values())
 
 
 def mtp_target_counts(model: NemotronH, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"]) -> Float[Array, " depths"]:
@@ -84,8 +65,7 @@ def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bo
             micro = jnp.sum(valid[:, 1:].astype(f32))
             losses.append(lm_head_loss(out[:, :shifted.shape[1]], head, shifted, valid) * micro / count)
         mtp_losses = jnp.stack(losses)
-    counts, balance = _moe_stats(state.get("intermediates", {}))
-    balance_loss = _mean_over_layers(balance)
+    counts, balance_loss = moe_stats(state.get("intermediates", {}))
     objective = lm_loss + aux_loss_coef * balance_loss
     if mtp_losses.size:
         objective = objective + mtp_loss_weight / mtp_losses.size * jnp.sum(mtp_losses)
@@ -112,42 +92,56 @@ def update_correction_biases(params, counts: dict, rate: float):
     return params
 
 
+def lm_objective(model: NemotronH, batch: dict, aux_loss_coef: float, mtp_loss_weight: float,
+                 grad_accum_steps: int):
+    """The microbatch objective of pretraining and SFT (the same loss; SFT's mask keeps the assistant's
+    tokens): (objective, (metric sums, expert counts)), normalised by the whole batch's target counts."""
+    target_count = jnp.maximum(jnp.sum(batch["mask"][:, 1:].astype(f32)), 1.0)
+    mtp_counts = mtp_target_counts(model, batch["tokens"], batch["mask"])
+
+    def objective(params, micro):
+        value, (lm, balance, counts, mtp) = loss_and_stats(
+            model, params, micro["tokens"], micro["mask"], target_count, aux_loss_coef, mtp_loss_weight,
+            mtp_counts, micro.get("segment_ids"))
+        sums = {"loss": lm}
+        if counts:
+            sums["balance_loss"] = balance / grad_accum_steps
+        if mtp.size:
+            sums["mtp_loss"] = mtp  # [depths]
+        return value, (sums, counts)
+
+    return objective
+
+
 def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state: TrainState, batch: dict,
                grad_accum_steps: int, aux_loss_coef: float, bias_update_rate: float,
-               schedule: optax.Schedule, mtp_loss_weight: float = 0.0) -> tuple[TrainState, dict]:
-    tokens, mask = batch["tokens"], batch["mask"]
-    segment_ids = batch.get("segment_ids")
-    target_count = jnp.maximum(jnp.sum(mask[:, 1:].astype(f32)), 1.0)
-    mtp_counts = mtp_target_counts(model, tokens, mask)
-    micro = tokens.shape[0] // grad_accum_steps
-    split = lambda t: None if t is None else t.reshape(grad_accum_steps, micro, *t.shape[1:])  # noqa: E731
-    objective = lambda p, t, m, s: loss_and_stats(model, p, t, m, target_count, aux_loss_coef,  # noqa: E731
-                                                  mtp_loss_weight, mtp_counts, s)
+               schedule: optax.Schedule, mtp_loss_weight: float = 0.0, preference: Preference | None = None,
+               reference: Any = None) -> tuple[TrainState, dict]:
+    """`preference` makes it a DPO step (`nemojax.train.dpo`) against `reference` (frozen parameters, or
+    None when the batch carries precomputed "reference_logps"); else the next-token loss."""
+    if preference is None:
+        objective = lm_objective(model, batch, aux_loss_coef, mtp_loss_weight, grad_accum_steps)
+    else:
+        objective = dpo_objective(model, preference, batch, aux_loss_coef, grad_accum_steps, reference)
+    micro = batch["tokens"].shape[0] // grad_accum_steps
+    microbatches = {k: v.reshape(grad_accum_steps, micro, *v.shape[1:]) for k, v in batch.items()}
     grad_fn = jax.grad(objective, has_aux=True)
 
     def accumulate(carry, microbatch):
-        grads, lm_loss, balance_loss, counts, mtp_losses = carry
-        g, (lm, balance, c, mtp) = grad_fn(state.params, *microbatch)
-        return (jax.tree.map(jnp.add, grads, g), lm_loss + lm, balance_loss + balance / grad_accum_steps,
-                jax.tree.map(jnp.add, counts, c), mtp_losses + mtp), None
+        grads, sums, counts = carry
+        g, (s, c) = grad_fn(state.params, microbatch)
+        return jax.tree.map(jnp.add, (grads, sums, counts), (g, s, c)), None
 
-    first = lambda t: None if t is None else t[0]  # noqa: E731
-    _, (_, _, count_shapes, mtp_shape) = jax.eval_shape(objective, state.params, split(tokens)[0], split(mask)[0],
-                                                        first(split(segment_ids)))
-    init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params), jnp.zeros((), f32),
-            jnp.zeros((), f32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), count_shapes),
-            jnp.zeros(mtp_shape.shape, f32))
-    (grads, lm_loss, balance_loss, counts, mtp_losses), _ = jax.lax.scan(
-        accumulate, init, (split(tokens), split(mask), split(segment_ids)))
+    _, aux_shapes = jax.eval_shape(objective, state.params, jax.tree.map(lambda t: t[0], microbatches))
+    init = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), state.params),
+            *jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes))
+    (grads, sums, counts), _ = jax.lax.scan(accumulate, init, microbatches)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = update_correction_biases(params, counts, bias_update_rate)
-    metrics = {"loss": lm_loss, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    metrics = {**sums, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
     if counts:
-        metrics["balance_loss"] = balance_loss
         metrics["expert_counts"] = counts
-    if mtp_losses.size:
-        metrics["mtp_loss"] = mtp_losses  # [depths]
     return TrainState(state.step + 1, params, opt_state), metrics

@@ -24,13 +24,15 @@ from nemojax.checkpoint.hf import error_summary
 from nemojax.checkpoint.loading import abstract_params, load_checkpoint_params, read_checkpoint_config
 from nemojax.checkpoint.orbax_io import TrainCheckpoints
 from nemojax.config import RUNTIME_FIELDS, ConfigError, ModelConfig
-from nemojax.data.pipeline import eval_batches, train_iterator
+from nemojax.data.pipeline import batches, eval_batches, train_source
+from nemojax.data.posttrain import TASKS
 from nemojax.flops import train_flops
 from nemojax.loss import eval_metrics, eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
 from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
+from nemojax.train.dpo import Preference, dpo_eval_metrics, dpo_eval_sums, reply_logprobs
 from nemojax.train.step import TrainState, train_step
 from nemojax.train.workdir import WorkdirLock
 
@@ -85,7 +87,8 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, 
 def check_resume_config(step: int, saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Raise on a change that would alter the resumed trajectory (unless allowed); the changes to say."""
     changes = config_changes(saved, config)
-    fixed = {k: v for k, v in changes.items() if k.split(".")[0] not in RESUMABLE_CHANGES}
+    resumable = set(RESUMABLE_CHANGES) - ({"init_from"} if config.task == "dpo" else set())  # DPO's reference
+    fixed = {k: v for k, v in changes.items() if k.split(".")[0] not in resumable}
     if fixed and not config.allow_config_change:
         listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in fixed.items())
         raise ConfigError(f"resuming from step {step} with a different config ({listed}): use the checkpoint's "
@@ -129,6 +132,18 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     if config.seq_len < 2:
         raise ConfigError(f"config field `seq_len` = {config.seq_len}: must be >= 2 (a window needs an input "
                           "token and a target)")
+    if config.task not in TASKS:
+        raise ConfigError(f"config field `task` = {config.task!r}: expected one of {', '.join(TASKS)}")
+    if config.task == "dpo":
+        if config.dpo.reference not in ("model", "precomputed"):
+            raise ConfigError(f"config field `dpo.reference` = {config.dpo.reference!r}: expected 'model' or "
+                              "'precomputed'")
+        if not config.init_from:
+            raise ConfigError("task 'dpo' needs `init_from`: the model to start from, which is also the frozen "
+                              "reference")
+        if not 0 <= config.dpo.label_smoothing < 0.5 or config.dpo.beta <= 0:
+            raise ConfigError(f"config fields `dpo.beta` = {config.dpo.beta} must be > 0 and "
+                              f"`dpo.label_smoothing` = {config.dpo.label_smoothing} in [0, 0.5)")
 
 
 def _say(text: str) -> None:
@@ -153,12 +168,25 @@ def abstract_train_state(model: NemotronH, optimizer, mesh) -> tuple[TrainState,
 
 def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optimizer, schedule, mesh,
                       state_shardings: TrainState):
-    """The train step jitted with the state's shardings and the batch split over the data axes."""
+    """The train step jitted with the state's shardings and the batch split over the data axes; a DPO
+    step against a reference model takes the frozen parameters as a third argument (sharded as the
+    trained ones)."""
+    preference = Preference(config.dpo.beta, config.dpo.label_smoothing, config.dpo.sft_loss_weight) if config.task == "dpo" else None
     step = functools.partial(train_step, model, optimizer, grad_accum_steps=config.grad_accum_steps,
                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
-                             schedule=schedule, mtp_loss_weight=float(config.mtp.loss_weight))
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+                             schedule=schedule, mtp_loss_weight=float(config.mtp.loss_weight) * (config.task != "dpo"),
+                             preference=preference)
+    shardings = (state_shardings, batch_sharding(mesh))
+    if uses_reference_model(config):
+        return jax.jit(lambda state, batch, reference: step(state, batch, reference=reference),
+                       in_shardings=(*shardings, state_shardings.params),
+                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    return jax.jit(step, in_shardings=shardings, out_shardings=(state_shardings, replicated(mesh)),
+                   donate_argnums=0)
+
+
+def uses_reference_model(config: ml_collections.ConfigDict) -> bool:
+    return config.task == "dpo" and config.dpo.reference == "model"
 
 
 class Trainer:
@@ -174,9 +202,19 @@ class Trainer:
         self.schedule = learning_rate_schedule(config.optimizer, config.total_steps)
         self.optimizer = make_optimizer(config.optimizer, config.total_steps)
         self.checkpoints = TrainCheckpoints(workdir, config.keep_checkpoints)
-        self.iterator = train_iterator(config, self.cfg)
-        self.eval_data = eval_batches(config, self.cfg)
         self._abstract_state()
+        source = train_source(config, self.cfg, _say)
+        self.eval_data = eval_batches(config, self.cfg)
+        self.frozen = ()  # the step's and the evaluation's extra arguments: DPO's reference parameters
+        if config.task == "dpo":
+            reference = self._initial_params(fresh=False)
+            if config.dpo.reference == "model":
+                self.frozen = (reference,)
+            else:
+                source.arrays["reference_logps"] = self._reference_pass(reference, source.arrays)
+                for batch in self.eval_data:
+                    batch["reference_logps"] = self._reference_pass(reference, batch)
+        self.iterator = batches(config, source)
         self.preempted = False
 
     # ----- state ---------------------------------------------------------------------------------
@@ -186,9 +224,10 @@ class Trainer:
         self._init_opt = jax.jit(self.optimizer.init, in_shardings=(self.param_shardings,),
                                  out_shardings=self.state_shardings.opt_state)
 
-    def _initial_params(self):
+    def _initial_params(self, fresh: bool = True):
+        """init_from's weights; a fresh initialisation when there is none (and `fresh`)."""
         source = self.config.init_from
-        if not source:
+        if not source and fresh:
             init = jax.jit(lambda key: nn.unbox(self.model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]),
                            out_shardings=self.param_shardings)
             key = jax.random.key(self.config.seed)
@@ -225,18 +264,33 @@ class Trainer:
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return TrainState(step, params, self._init_opt(params)), jax.random.key(self.config.seed)
 
+    def _reference_pass(self, reference, windows: dict[str, np.ndarray]) -> np.ndarray:
+        """DPO's precomputed reference: each window's per-segment reply log-probabilities under the
+        init_from weights, computed once, batch by batch, before training."""
+        fn = jax.jit(functools.partial(reply_logprobs, self.model))
+        size, rows = self.config.batch_size, len(windows["tokens"])
+        out = []
+        with jax.set_mesh(self.mesh):
+            for start in range(0, rows, size):
+                part = {k: windows[k][start:start + size] for k in ("tokens", "mask", "segment_ids")}
+                pad = size - len(part["tokens"])  # the last batch, padded to the compiled shape
+                part = {k: np.concatenate([v, v[:1].repeat(pad, 0)]) for k, v in part.items()}
+                out.append(np.asarray(fn(reference, *(jnp.asarray(part[k]) for k in
+                                                           ("tokens", "mask", "segment_ids"))))[:size - pad])
+        return np.concatenate(out)
+
     # ----- the loop ------------------------------------------------------------------------------
     def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         sharding = batch_sharding(self.mesh)
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()
-                if k in ("tokens", "mask")}
+                if k in ("tokens", "mask", "segment_ids", "reference_logps")}
 
     def _evaluate(self, params) -> dict[str, float]:
         if not self.eval_data:
             return {}
-        totals = eval_totals(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()})
+        totals = eval_totals(self._eval_fn(params, {k: jnp.asarray(v) for k, v in batch.items()}, *self.frozen)
                              for batch in self.eval_data)
-        return eval_metrics(totals)
+        return dpo_eval_metrics(totals) if self.config.task == "dpo" else eval_metrics(totals)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.preempted = True
@@ -247,7 +301,8 @@ class Trainer:
         config = self.config
         step_fn = jitted_train_step(config, self.model, self.optimizer, self.schedule, self.mesh,
                                     self.state_shardings)
-        self._eval_fn = jax.jit(functools.partial(eval_sums, self.model))
+        self._eval_fn = jax.jit(functools.partial(eval_sums, self.model) if config.task != "dpo" else functools.partial(
+            dpo_eval_sums, self.model, Preference(config.dpo.beta, config.dpo.label_smoothing, config.dpo.sft_loss_weight)))
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         with jax.set_mesh(self.mesh):
             state, rng = self._start()
@@ -262,7 +317,7 @@ class Trainer:
             for step in range(start + 1, config.total_steps + 1):
                 batch = self._device_batch(next(self.iterator))
                 with jax.set_mesh(self.mesh):
-                    state, metrics = step_fn(state, batch)
+                    state, metrics = step_fn(state, batch, *self.frozen)
                 log.add(step, metrics)
                 if step == start + 1:  # the compiling step: throughput is timed from its end
                     jax.block_until_ready(state)
