@@ -122,7 +122,7 @@ def throughput(smoke: bool) -> list[dict]:
             forward = jax.jit(lambda a, impl=impl: impl(chunk_size=shape["chunk"], **a))
             both = jax.jit(jax.grad(lambda a, impl=impl: jnp.sum(impl(chunk_size=shape["chunk"], **a)[0])))
             for direction, fn in (("forward", forward), ("forward+backward", both)):
-                seconds = median_seconds(lambda fn=fn: jax.block_until_ready(fn(args)), repeats=3 if smoke else 10)
+                seconds = median_seconds(lambda fn=fn: jax.block_until_ready(fn(args)), repeats=1 if smoke else 10)
                 rows.append(dict(impl=name, direction=direction, batch=batch, length=length, ms=seconds * 1e3,
                                  tokens_per_s=batch * length / seconds))
                 print("ssd", json.dumps(rows[-1]), flush=True)
@@ -167,7 +167,7 @@ def train_step_row(smoke: bool, ssm_impl: str, attention_impl: str) -> dict:
         state[0], metrics = compiled(state[0], data)
         jax.block_until_ready(metrics)
 
-    seconds = median_seconds(one_step, repeats=3 if smoke else 6, warmup=2)
+    seconds = median_seconds(one_step, repeats=1 if smoke else 6, warmup=1 if smoke else 2)  # smoke: it runs
     flops = train_flops(cfg, batch, seq)
     peak = device_peak_flops()
     impls = cfg.kernel_impls()

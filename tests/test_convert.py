@@ -136,61 +136,15 @@ def test_existing_destination_needs_force_and_the_command_line_exit_status(tmp_p
 
 
 # ----- memory --------------------------------------------------------------------------------------
-def write_random_checkpoint(path, cfg_fields, shards):
-    """A Hub-layout checkpoint of random fp32 tensors, in `shards` files with an index."""
-    from safetensors.numpy import save_file
+def test_peak_memory_stays_under_half_the_checkpoint():
+    """Both directions convert a generated 1.7 GB checkpoint of ~34 MB layers with a peak RSS under half
+    its size (tests/fixtures/convert_memory_check.py; conftest.py starts it at collection: it waits on
+    the disk more than on the CPU)."""
+    from tests.test_sharding import check_results
 
-    from nemojax.blocks import hf_table
-    from nemojax.config import ModelConfig
-
-    cfg = ModelConfig.from_hf(cfg_fields)
-    os.makedirs(path)
-    names = [(name, shape) for entry in hf_table(cfg) for name, shape in entry.hf]
-    per_shard = -(-len(names) // shards)
-    rng = np.random.default_rng(0)
-    weight_map, total = {}, 0
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        chunk = {name: rng.standard_normal(shape, np.float32) for name, shape in names[i * per_shard:(i + 1) * per_shard]}
-        save_file(chunk, os.path.join(path, file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in chunk})
-        total += sum(v.nbytes for v in chunk.values())
-        del chunk
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-              open(os.path.join(path, "model.safetensors.index.json"), "w"))
-    json.dump({**cfg.to_hf(), "dtype": "float32"}, open(os.path.join(path, "config.json"), "w"))
-    return total
-
-
-# Peak RSS of the converter process. VmHWM rather than getrusage's ru_maxrss: Linux carries ru_maxrss
-# over exec from the forked parent (here pytest, holding the generated checkpoint), VmHWM starts afresh.
-MEMORY_PROBE = """
-import sys
-from nemojax.convert import main
-status = main(sys.argv[1:])
-peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("peak_rss_bytes", peak_kb * 1024)
-sys.exit(status)
-"""
-
-
-def test_peak_memory_stays_under_half_the_checkpoint(tmp_path):
-    fields = dict(hybrid_override_pattern="M-" * 24, vocab_size=8192, hidden_size=1024, num_attention_heads=8,
-                  num_key_value_heads=8, head_dim=128, intermediate_size=4096, mamba_num_heads=32,
-                  mamba_head_dim=64, ssm_state_size=128, n_groups=8)
-    try:
-        size = write_random_checkpoint(str(tmp_path / "hf"), fields, shards=8)  # 1.7 GB of ~34 MB layers
-        assert size >= 300e6  # (larger than the 300 MB asked: the process alone starts at ~200 MB)
-        peaks = {}
-        for direction, src, dst, extra in (("hf-to-orbax", "hf", "orbax", []),
-                                           ("orbax-to-hf", "orbax", "back", ["--max-shard-size", "2GB"])):
-            proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, direction, str(tmp_path / src),
-                                   str(tmp_path / dst), *extra], cwd=REPO, capture_output=True, text=True,
-                                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            peaks[direction] = int(proc.stdout.split("peak_rss_bytes")[-1])
-    finally:  # ~5 GB: not left for pytest's kept temporary directories
-        for name in ("hf", "orbax", "back"):
-            shutil.rmtree(tmp_path / name, ignore_errors=True)
+    result = check_results("convert_memory_check")
+    size, peaks = result["size"], result["peaks"]
     print(f"checkpoint {size / 1e6:.0f} MB, peak RSS " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in peaks.items()))
+    assert size >= 300e6  # (larger than the 300 MB asked: the process alone starts at ~200 MB)
+    assert set(peaks) == {"hf-to-orbax", "orbax-to-hf"}
     assert all(peak < size / 2 for peak in peaks.values()), (size, peaks)

@@ -371,5 +371,6 @@ def test_sft_then_dpo_raise_held_out_accuracy(tmp_path):
     held_out = results["dpo_metrics"][-1]
     assert held_out["eval_reward_accuracy"] > 0.9 and held_out["eval_reward_margin"] > 0, held_out
     assert dpo["accuracy_thinking"] > sft["accuracy_thinking"], (sft, dpo)
+    assert results["eval_cli"] == dpo  # eval.py --tasks chat: the same held-out questions, the same answers
     sft_records = results["sft_metrics"]
     assert sft_records[-1]["eval_loss"] < sft_records[0]["loss"] / 4

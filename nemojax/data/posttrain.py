@@ -20,7 +20,8 @@ HELD_OUT_STREAM = 1_000_003  # generated held-out examples come from their own s
 
 
 def chat_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
-    """Generated data: bytes with the synthetic chat template; files: `data.tokenizer` and its template."""
+    """Generated data: bytes with the synthetic chat template; files: `data.tokenizer` and its template,
+    else init_from's."""
     from nemojax.tokenizer import from_file
 
     if config.data.source == "synthetic":
@@ -28,11 +29,23 @@ def chat_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Token
             raise DataError(f"data.source 'synthetic' is byte-level: needs vocab_size >= 256, "
                             f"model has {cfg.vocab_size}")
         return Tokenizer().with_template(synthetic_chat.TEMPLATE)
-    if not config.data.tokenizer:
-        raise DataError(f"config field `data.tokenizer` is empty: task {config.task!r} on files needs a "
-                        "tokenizer.json (a checkpoint directory holding one works too)")
-    load_tokenizer(config.data.tokenizer, cfg.vocab_size)  # the vocabulary check, with the data error
-    return from_file(config.data.tokenizer)
+    if config.data.tokenizer:
+        load_tokenizer(config.data.tokenizer, cfg.vocab_size)  # the vocabulary check, with the data error
+        return from_file(config.data.tokenizer)
+    if config.init_from:  # the starting checkpoint's own tokenizer and chat template
+        from nemojax.checkpoint.orbax_io import latest_checkpoint
+        from nemojax.tokenizer import TokenizerError, for_checkpoint
+
+        try:
+            tokenizer = for_checkpoint(latest_checkpoint(config.init_from), None, None)
+        except TokenizerError as e:
+            raise DataError(f"{e} (or set config field `data.tokenizer`)") from None
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise DataError(f"tokenizer {tokenizer.name}: vocabulary of {tokenizer.vocab_size} tokens exceeds the "
+                            f"model's vocab_size {cfg.vocab_size}")
+        return tokenizer
+    raise DataError(f"config field `data.tokenizer` is empty and there is no `init_from`: task {config.task!r} "
+                    "on files needs a tokenizer.json (a checkpoint directory holding one works too)")
 
 
 def encoder(config: ml_collections.ConfigDict, cfg: ModelConfig) -> ChatEncoder:

@@ -31,8 +31,8 @@ from nemojax.loss import eval_metrics, eval_sums, eval_totals
 from nemojax.model import NemotronH
 from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
 from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
-from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
 from nemojax.train.dpo import Preference, dpo_eval_metrics, dpo_eval_sums, reply_logprobs
+from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
 from nemojax.train.step import TrainState, train_step
 from nemojax.train.workdir import WorkdirLock
 
@@ -171,11 +171,10 @@ def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optim
     """The train step jitted with the state's shardings and the batch split over the data axes; a DPO
     step against a reference model takes the frozen parameters as a third argument (sharded as the
     trained ones)."""
-    preference = Preference(config.dpo.beta, config.dpo.label_smoothing, config.dpo.sft_loss_weight) if config.task == "dpo" else None
     step = functools.partial(train_step, model, optimizer, grad_accum_steps=config.grad_accum_steps,
                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
-                             schedule=schedule, mtp_loss_weight=float(config.mtp.loss_weight) * (config.task != "dpo"),
-                             preference=preference)
+                             schedule=schedule, preference=preference_of(config),
+                             mtp_loss_weight=float(config.mtp.loss_weight) * (config.task != "dpo"))  # DPO: no MTP
     shardings = (state_shardings, batch_sharding(mesh))
     if uses_reference_model(config):
         return jax.jit(lambda state, batch, reference: step(state, batch, reference=reference),
@@ -187,6 +186,13 @@ def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optim
 
 def uses_reference_model(config: ml_collections.ConfigDict) -> bool:
     return config.task == "dpo" and config.dpo.reference == "model"
+
+
+def preference_of(config: ml_collections.ConfigDict) -> Preference | None:
+    """DPO's loss settings; None for the next-token tasks."""
+    if config.task != "dpo":
+        return None
+    return Preference(config.dpo.beta, config.dpo.label_smoothing, config.dpo.sft_loss_weight)
 
 
 class Trainer:
@@ -301,8 +307,9 @@ class Trainer:
         config = self.config
         step_fn = jitted_train_step(config, self.model, self.optimizer, self.schedule, self.mesh,
                                     self.state_shardings)
-        self._eval_fn = jax.jit(functools.partial(eval_sums, self.model) if config.task != "dpo" else functools.partial(
-            dpo_eval_sums, self.model, Preference(config.dpo.beta, config.dpo.label_smoothing, config.dpo.sft_loss_weight)))
+        preference = preference_of(config)
+        self._eval_fn = jax.jit(functools.partial(eval_sums, self.model) if preference is None else
+                                functools.partial(dpo_eval_sums, self.model, preference))
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         with jax.set_mesh(self.mesh):
             state, rng = self._start()
