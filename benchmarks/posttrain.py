@@ -49,7 +49,7 @@ def main() -> None:
     cfg = ModelConfig.from_hf(config.model.to_dict(), param_dtype=config.param_dtype, dtype=config.dtype)
     model = NemotronH(cfg)
     encoder = ChatEncoder(Tokenizer().with_template(TEMPLATE), end_of_turn=END_OF_TURN)
-    count = args.batch * args.seq_len // 20  # more conversations than the windows hold
+    count = args.batch * args.seq_len // 4  # ~20 windows: the fill is what a long run packs
     sft_batch, sft_fill = windows([[encoder.encode(conversation(0, i))] for i in range(count)], args.seq_len,
                                   args.batch)
     dpo_batch, dpo_fill = windows([list(encoder.encode_pair(pair(0, i))) for i in range(count)], args.seq_len,
