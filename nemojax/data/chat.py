@@ -11,13 +11,12 @@ text after it (`<|im_end|>`, `<SPECIAL_12>`, ...), so tool calls and the turn's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from nemojax.data.sources import DataError, expand_paths, utf8_lines
+from nemojax.data.sources import DataError, expand_paths, jsonl_records
 from nemojax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -75,14 +74,7 @@ def _conversation(record: dict, where: str, messages: Any) -> Conversation:
 
 def _records(path: str):
     """(file:line, object) for every non-empty line of a jsonl file."""
-    for number, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, record in jsonl_records(path):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object")
         yield where, record

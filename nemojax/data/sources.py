@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -51,17 +51,22 @@ def read_documents(path: str, text_field: str) -> list[str]:
     if not path.endswith(".jsonl"):
         return ["".join(line for _, line in utf8_lines(path))]
     documents = []
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{where}: expected an object with a string field {text_field!r}")
+        documents.append(record[text_field])
+    return documents
+
+
+def jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed JSON) for every non-empty line of a jsonl file; bad JSON names its line."""
     for number, line in utf8_lines(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(f"{path}:{number}: expected an object with a string field {text_field!r}")
-        documents.append(record[text_field])
-    return documents
 
 
 def load_tokenizer(path: str, vocab_size: int):

@@ -266,7 +266,8 @@ class Trainer:
         if moved:
             raise TrainingError(f"no checkpoint in {self.workdir}/checkpoints restores; moved aside: "
                                 f"{', '.join(moved)}. Rerun to start from step 0")
-        params = self._initial_params()
+        # DPO against a reference model starts from the same init_from weights: a copy, not a second read.
+        params = jax.tree.map(jnp.copy, self.frozen[0]) if self.frozen else self._initial_params()
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh))
         return TrainState(step, params, self._init_opt(params)), jax.random.key(self.config.seed)
 
