@@ -17,9 +17,8 @@ from nemojax.config import ConfigError, ModelConfig
 from nemojax.data import posttrain
 from nemojax.data.packing import PackedWindows
 from nemojax.data.sources import DataError, TokenWindows, expand_paths, open_token_file, tokenize_text_files
-from nemojax.data.synthetic import SyntheticSource
+from nemojax.data.synthetic import HELD_OUT_STREAM, SyntheticSource
 
-_EVAL_STREAM = 1_000_003  # synthetic eval sequences come from their own stream of the same language
 
 
 def _eos(cfg: ModelConfig) -> int:
@@ -104,7 +103,7 @@ def synthetic_eval_batches(shuffle_seed: int, seq_len: int, count: int, batch_si
                            ) -> list[dict[str, np.ndarray]]:
     """`count` sequences of the held-out stream of the synthetic run with this `shuffle_seed`, in whole
     batches of at most `batch_size`."""
-    source = SyntheticSource(shuffle_seed + _EVAL_STREAM, seq_len)
+    source = SyntheticSource(shuffle_seed + HELD_OUT_STREAM, seq_len)
     examples = [source[i] for i in range(count)]
     size = min(batch_size, len(examples))
     return [{k: np.stack([e[k] for e in examples[i:i + size]]) for k in examples[0]}

@@ -13,10 +13,10 @@ from nemojax.data import synthetic_chat
 from nemojax.data.chat import ChatEncoder, chat_encoder, read_conversations, read_pairs
 from nemojax.data.packing import PackStats, pack
 from nemojax.data.sources import DataError, load_tokenizer
+from nemojax.data.synthetic import HELD_OUT_STREAM
 from nemojax.tokenizer import Tokenizer
 
 TASKS = ("pretrain", "sft", "dpo")
-HELD_OUT_STREAM = 1_000_003  # generated held-out examples come from their own stream
 
 
 def chat_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:

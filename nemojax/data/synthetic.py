@@ -14,6 +14,7 @@ import string
 import numpy as np
 
 NEWLINE = ord("\n")  # the end-of-document token (byte 10)
+HELD_OUT_STREAM = 1_000_003  # added to a run's seed: held-out examples come from a stream no run trains on
 VOCAB_SIZE = 256
 _LETTERS = np.frombuffer(string.ascii_lowercase.encode(), np.uint8)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from nemojax.data.chat import Conversation, Pair
-from nemojax.data.synthetic import _LETTERS
+from nemojax.data.synthetic import _LETTERS, HELD_OUT_STREAM
 
 TEMPLATE = (
     "{%- set ns = namespace(last=-1) -%}"
@@ -79,5 +79,5 @@ def pair(seed: int, index: int) -> Pair:
 
 def held_out_questions(seed: int, count: int) -> list[tuple[str, str]]:
     """(user text, right answer) pairs from a stream no training run draws from."""
-    rng = np.random.default_rng((seed, 1_000_003))
+    rng = np.random.default_rng((seed, HELD_OUT_STREAM))
     return [question(rng)[::2] for _ in range(count)]
