@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     # xla | cudnn (GPU flash attention) | splash (TPU flash attention) for attention.
     c.ssm_impl = "auto"
     c.attention_impl = "auto"
+    # The linear layers' low-precision recipe (nemojax/precision.py): bf16 (none) | fp8 (Nemotron-H's) |
+    # nvfp4 (Nemotron 3 Super's) | mxfp8. Quantization is simulated except FP8 GEMMs on CUDA, which run natively.
+    c.precision = "bf16"
 
     c.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-4,

@@ -2,7 +2,8 @@
 tensors it has, what it costs, and whether it mixes positions (keeps a decoding cache, sees document boundaries).
 
 `KINDS[char]` is read by `Block` (the pre-norm residual block the backbone and the MTP module stack),
-`hf_table` (the checkpoint name table of a whole model), `nemojax.flops` and generation; a new kind
+`hf_table` (the checkpoint name table of a whole model), `nemojax.flops`, `nemojax.precision` (which
+linear layers a low-precision recipe can quantize) and generation; a new kind
 needs one entry here. config.py keeps
 only the pattern characters' config.json spellings (`BLOCK_TYPES`, `HF_BLOCK_NAMES`), which it needs to
 parse a config before any of this exists.
@@ -18,10 +19,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from nemojax import precision
+
 from nemojax.config import BLOCK_TYPES, ModelConfig
 from nemojax.hf_names import Entry, ParamPath, attention_entries, copy, linear, mamba_entries, mlp_entries, moe_entries
 from nemojax.layers.attention import Attention
-from nemojax.layers.common import Decoding
+from nemojax.layers.common import Decoding, Gemms
 from nemojax.layers.mamba2 import Mamba2Mixer
 from nemojax.layers.mlp import MLP
 from nemojax.layers.moe import MoE
@@ -61,35 +64,52 @@ def _moe_flops(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
 class BlockKind:
     """One pattern character."""
 
-    mixer: Callable[[ModelConfig], nn.Module]  # builds the block's mixer (named "mixer")
+    mixer: Callable[[ModelConfig, Gemms], nn.Module]  # builds the block's mixer (named "mixer")
     hf_entries: Callable[[ModelConfig, str, ParamPath], list[Entry]]  # its Hub tensors under a prefix
     flops: Callable[[ModelConfig, int], tuple[float, float]]  # forward (per token, per sequence) at a length
     mixes_positions: bool  # a sequence mixer: called with the `Decoding` spec (it keeps a cache) and segment ids
+    linears: Callable[[ModelConfig], tuple[str, ...]]  # its linear layers, as the Hub names them under `mixer`
+
+
+def _moe_linears(cfg: ModelConfig) -> tuple[str, ...]:
+    names = ("experts.up_proj", "experts.down_proj")
+    if cfg.moe_latent_size:
+        names += ("fc1_latent_proj", "fc2_latent_proj")
+    if cfg.n_shared_experts:
+        names += ("shared_experts.up_proj", "shared_experts.down_proj")
+    return names
 
 
 KINDS: dict[str, BlockKind] = {
-    "M": BlockKind(lambda cfg: Mamba2Mixer(cfg, name="mixer"), mamba_entries, _mamba_flops, mixes_positions=True),
-    "*": BlockKind(lambda cfg: Attention(cfg, name="mixer"), attention_entries, _attention_flops, mixes_positions=True),
-    "-": BlockKind(lambda cfg: MLP(cfg, cfg.intermediate_size, name="mixer"),
-                   lambda cfg, hf, ours: mlp_entries(cfg, hf, ours, cfg.intermediate_size), _mlp_flops, mixes_positions=False),
-    "E": BlockKind(lambda cfg: MoE(cfg, name="mixer"), moe_entries, _moe_flops, mixes_positions=False),
+    "M": BlockKind(lambda cfg, gemms: Mamba2Mixer(cfg, gemms, name="mixer"), mamba_entries, _mamba_flops,
+                   mixes_positions=True, linears=lambda cfg: ("in_proj", "out_proj")),
+    "*": BlockKind(lambda cfg, gemms: Attention(cfg, gemms, name="mixer"), attention_entries, _attention_flops,
+                   mixes_positions=True, linears=lambda cfg: precision.ATTENTION),
+    "-": BlockKind(lambda cfg, gemms: MLP(cfg, cfg.intermediate_size, gemms, name="mixer"),
+                   lambda cfg, hf, ours: mlp_entries(cfg, hf, ours, cfg.intermediate_size), _mlp_flops,
+                   mixes_positions=False, linears=lambda cfg: ("up_proj", "down_proj")),
+    "E": BlockKind(lambda cfg, gemms: MoE(cfg, gemms, name="mixer"), moe_entries, _moe_flops, mixes_positions=False,
+                   linears=_moe_linears),
 }
 assert KINDS.keys() == BLOCK_TYPES.keys()
 
 
 class Block(nn.Module):
     """x + mixer(RMSNorm(x)). Sequence mixers also get the decoding spec and the packed documents'
-    `segment_ids` (nemojax/ops: each document then sees only itself)."""
+    `segment_ids` (nemojax/ops: each document then sees only itself). `formats`: the linear layers'
+    low-precision formats (`precision.layer_formats`), per repeat when scanned (`repeat`: which one)."""
 
     cfg: ModelConfig
     kind: str
+    formats: precision.LayerFormats = ()
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None = None,
-                 segment_ids: Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
+                 segment_ids: Int[Array, "b l"] | None = None, repeat: Int[Array, ""] | None = None
+                 ) -> Float[Array, "b l d"]:
         normed = RMSNorm(self.cfg.layer_norm_epsilon, jnp.dtype(self.cfg.param_dtype), name="norm")(x)
         kind = KINDS[self.kind]
-        mixer = kind.mixer(self.cfg)
+        mixer = kind.mixer(self.cfg, Gemms(self.formats, repeat))
         y = mixer(normed, decoding, segment_ids) if kind.mixes_positions else mixer(normed)
         return x + y.astype(x.dtype)
 

@@ -34,9 +34,11 @@ LEGACY_NAMES = {
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "ssm_impl", "attention_impl")  # not part of config.json
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_layers", "ssm_impl", "attention_impl",
+                  "precision")  # not part of config.json
 SSM_IMPLS = ("auto", "xla", "pallas")  # the chunked SSD scan: nemojax/ops/ssd.py or pallas/ssd.py
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+PRECISION_RECIPES = ("bf16", "fp8", "nvfp4", "mxfp8")  # nemojax/precision.py RECIPES  # nemojax/ops/attention.py, cuDNN flash (GPU), splash (TPU)
 # What "auto" resolves to on each backend, (ssm_impl, attention_impl): the fused kernels on accelerators;
 # XLA on the CPU, where Pallas kernels only run interpreted and cuDNN / splash do not exist.
 AUTO_IMPLS = {"gpu": ("pallas", "cudnn"), "tpu": ("pallas", "splash"), "cpu": ("xla", "xla")}
@@ -121,6 +123,7 @@ class ModelConfig:
     scan_layers: bool = False  # scan over repeated groups of blocks (nemojax/scan_layers.py): fast compiles
     ssm_impl: str = "auto"  # "pallas": the fused SSD kernels (interpreted on the CPU); auto: AUTO_IMPLS
     attention_impl: str = "auto"  # "cudnn" on GPUs, "splash" on TPUs; auto: AUTO_IMPLS
+    precision: str = "bf16"  # the linear layers' low-precision recipe (nemojax/precision.py RECIPES)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,7 +197,7 @@ class ModelConfig:
         if "E" in pattern or "E" in (self.mtp_hybrid_override_pattern if self.num_nextn_predict_layers else ""):
             self._validate_moe()
         for name, allowed in (("remat", REMAT_POLICIES), ("ssm_impl", SSM_IMPLS),
-                              ("attention_impl", ATTENTION_IMPLS)):
+                              ("attention_impl", ATTENTION_IMPLS), ("precision", PRECISION_RECIPES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"must be one of {allowed}")
         if not isinstance(self.scan_layers, bool):

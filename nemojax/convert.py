@@ -2,6 +2,7 @@
 
     python -m nemojax.convert hf-to-orbax SRC DST [--dtype bfloat16] [--force]
     python -m nemojax.convert orbax-to-hf SRC DST [--max-shard-size 5GB] [--force]
+        [--quantize fp8|nvfp4 [--calibration-data synthetic|GLOBS] [--calibration-batches 8]]
 
 The conversion itself is `nemojax/checkpoint/conversion.py`; this is its command line.
 """
@@ -12,9 +13,10 @@ import argparse
 import re
 import sys
 
-from nemojax.checkpoint.conversion import hf_to_orbax, orbax_to_hf
+from nemojax.checkpoint.conversion import Quantize, hf_to_orbax, orbax_to_hf
 from nemojax.checkpoint.hf import CheckpointError
 from nemojax.config import ConfigError
+from nemojax.data.sources import DataError
 
 # ----- command line --------------------------------------------------------------------------------
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
@@ -45,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     to_hf.add_argument("--max-shard-size", default="5GB", type=parse_size,
                        help="e.g. 5GB, 5G, 500MB, 2GiB (default 5GB)")
     to_hf.add_argument("--force", action="store_true", help="replace an existing DST")
+    to_hf.add_argument("--quantize", choices=("fp8", "nvfp4"),
+                       help="write ModelOpt's quantized layout (vLLM / TensorRT-LLM), with the selective recipe: "
+                            "attention, the Mamba layers next to it, MTP, embeddings and head stay unquantized")
+    to_hf.add_argument("--calibration-data", default="synthetic",
+                       help="--quantize's calibration text: synthetic, or comma-separated txt / jsonl globs")
+    to_hf.add_argument("--calibration-tokenizer", default="",
+                       help="tokenizer.json for --calibration-data files (default: the checkpoint's)")
+    to_hf.add_argument("--calibration-batches", type=int, default=8,
+                       help="batches of 4 windows measured for the static input scales (0: write none)")
+    to_hf.add_argument("--calibration-seq-len", type=int, default=512)
     args = parser.parse_args(argv)
     from absl import logging
 
@@ -53,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-orbax":
             hf_to_orbax(args.src, args.dst, args.dtype, args.force)
         else:
-            orbax_to_hf(args.src, args.dst, args.max_shard_size, args.force)
-    except (CheckpointError, ConfigError, FileExistsError) as e:
+            quantize = Quantize(args.quantize, args.calibration_data, args.calibration_tokenizer,
+                                args.calibration_batches, args.calibration_seq_len) if args.quantize else None
+            orbax_to_hf(args.src, args.dst, args.max_shard_size, args.force, quantize)
+    except (CheckpointError, ConfigError, DataError, FileExistsError) as e:
         print(f"nemojax-convert: error: {e}", file=sys.stderr)
         return 1
     return 0

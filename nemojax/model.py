@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from nemojax import precision
 from nemojax.blocks import block_class
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, normal, param
@@ -20,21 +21,24 @@ class Period(nn.Module):
 
     cfg: ModelConfig
     kinds: str
+    formats: tuple[precision.LayerFormats, ...] = ()  # per block of the period (each per repeat)
 
     @nn.compact
     def __call__(self, x: Float[Array, "b l d"], decoding: Decoding | None,
-                 segment_ids: Int[Array, "b l"] | None) -> tuple[Float[Array, "b l d"], None]:
+                 segment_ids: Int[Array, "b l"] | None, repeat: Int[Array, ""]) -> tuple[Float[Array, "b l d"], None]:
         block = block_class(self.cfg, scanned=True)
         for j, kind in enumerate(self.kinds):
-            x = constrain_activations(block(self.cfg, kind, name=f"block_{j}")(x, decoding, segment_ids))
+            x = constrain_activations(block(self.cfg, kind, self.formats[j], name=f"block_{j}")(
+                x, decoding, segment_ids, repeat))
         return x, None
 
 
 def scanned_period(cfg: ModelConfig, kinds: str, repeats: int) -> type[nn.Module]:
-    """`Period` scanned `repeats` times, its parameters, caches and sown values stacked on axis 0."""
+    """`Period` scanned `repeats` times, its parameters, caches and sown values stacked on axis 0; the
+    repeat's index goes in as the scanned input (it picks each layer's low-precision format)."""
     return nn.scan(Period, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-                   split_rngs={"params": True}, in_axes=nn.broadcast, length=repeats,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+                   split_rngs={"params": True, precision.RNG_STREAM: True}, in_axes=(nn.broadcast, nn.broadcast, 0),
+                   length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class NemotronH(nn.Module):
@@ -59,9 +63,12 @@ class NemotronH(nn.Module):
         self.runs = layer_runs(cfg.hybrid_override_pattern, cfg.scan_layers)
         for run in self.runs:
             if run.scanned:
-                setattr(self, run.key, scanned_period(cfg, run.period, run.repeats)(cfg, run.period))
+                formats = tuple(precision.layer_formats(cfg, tuple(run.layer(r, j) for r in range(run.repeats)), kind)
+                                for j, kind in enumerate(run.period))
+                setattr(self, run.key, scanned_period(cfg, run.period, run.repeats)(cfg, run.period, formats))
             else:
-                setattr(self, run.key, block_class(cfg)(cfg, run.period))
+                setattr(self, run.key, block_class(cfg)(cfg, run.period,
+                                                        precision.layer_formats(cfg, (run.start,), run.period)))
         self.norm_f = RMSNorm(cfg.layer_norm_epsilon, pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(self, "lm_head", normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
@@ -79,7 +86,7 @@ class NemotronH(nn.Module):
         x = self.embed_tokens(input_ids)
         for run in self.runs:
             if run.scanned:
-                x, _ = getattr(self, run.key)(x, decoding, segment_ids)
+                x, _ = getattr(self, run.key)(x, decoding, segment_ids, jnp.arange(run.repeats))
             else:
                 x = constrain_activations(getattr(self, run.key)(x, decoding, segment_ids))
         return self.norm_f(x)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from nemojax import precision
 from nemojax.blocks import block_class
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, dense, normal, param
@@ -41,7 +42,8 @@ class MTP(nn.Module):
         x = dense(both, eh_proj, 1, cdt)
         block = block_class(cfg)
         for j, kind in enumerate(cfg.mtp_hybrid_override_pattern):
-            x = block(cfg, kind, name=f"layers_{j}")(x, decoding, segment_ids)
+            x = block(cfg, kind, precision.layer_formats(cfg, (None,), kind), name=f"layers_{j}")(
+                x, decoding, segment_ids)
         return norm("final_layernorm")(x)
 
 

@@ -214,9 +214,10 @@ def test_an_oversized_tile_fails_the_budget():
 
 
 # ----- a whole train step, lowered for the accelerators ---------------------------------------------------
-def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str, packed: bool = False) -> str:
+def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str, packed: bool = False,
+                       precision: str = "bf16") -> str:
     """The project's train step for a small MoE hybrid (Mamba, attention, MoE blocks), exported; `packed`:
-    with segment ids (SFT / DPO windows)."""
+    with segment ids (SFT / DPO windows); `precision`: a low-precision recipe."""
     import flax.linen as nn
 
     from configs import base
@@ -224,7 +225,8 @@ def lowered_train_step(platform: str, ssm_impl: str, attention_impl: str, packed
     from nemojax.train.step import TrainState, train_step
     from tests.conftest import MODELS
 
-    cfg = ModelConfig(**dict(MODELS["moe"], chunk_size=16), ssm_impl=ssm_impl, attention_impl=attention_impl)
+    cfg = ModelConfig(**dict(MODELS["moe"], chunk_size=16), ssm_impl=ssm_impl, attention_impl=attention_impl,
+                      precision=precision)
     model = NemotronH(cfg)
     opt = base.get_config().optimizer
     optimizer, schedule = make_optimizer(opt, 10), learning_rate_schedule(opt, 10)

@@ -28,6 +28,36 @@ def cast(x, dtype):
     return np.clip(x, -MAX[dtype], MAX[dtype]).astype(dtype)
 
 
+# Reference quantize-dequantize along the last axis, from the formats' definitions (test_precision.py uses them).
+def ref_fp8(x, dtype):
+    scale = np.float32(np.abs(x).max()) / np.float32(MAX[dtype])
+    return cast(x / scale, dtype).astype(np.float32) * scale
+
+
+def ref_mxfp8(x):
+    out = np.zeros(x.shape, np.float32)
+    for index in np.ndindex(x.shape[:-1]):
+        for b in range(0, x.shape[-1], 32):
+            block = x[index][b:b + 32]
+            amax = np.abs(block).max()
+            scale = np.float32(2.0 ** (np.floor(np.log2(amax)) - 8)) if amax > 0 else np.float32(1)
+            out[index][b:b + 32] = cast(block / scale, E4M3).astype(np.float32) * scale
+    return out
+
+
+def ref_nvfp4(x, block):
+    rows, cols = block
+    tensor_scale = np.float32(np.abs(x).max()) / np.float32(6 * 448)
+    out = np.zeros(x.shape, np.float32)
+    for i in range(0, x.shape[0], rows):
+        for j in range(0, x.shape[1], cols):
+            piece = x[i:i + rows, j:j + cols]
+            step = cast(np.float32(np.abs(piece).max()) / np.float32(6) / tensor_scale, E4M3).astype(np.float32)
+            step = step * tensor_scale
+            out[i:i + rows, j:j + cols] = cast(piece / step if step > 0 else piece, E2M1).astype(np.float32) * step
+    return out
+
+
 @pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 def test_fp8_per_tensor_current_scaling(dtype):
     x = sample((24, 40))

@@ -11,6 +11,7 @@ Only safetensors are read, never pickles.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 from tqdm import tqdm
 
+from nemojax import precision
 from nemojax.blocks import hf_table
+from nemojax.checkpoint import modelopt, ptq
 from nemojax.checkpoint.hf import (
     EMBEDDINGS,
     TIED_HEAD,
@@ -167,9 +170,22 @@ def _get_path(tree: dict, path: tuple[str, ...]) -> np.ndarray:
     return tree
 
 
-def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: bool = False) -> None:
+@dataclasses.dataclass(frozen=True)
+class Quantize:
+    """`orbax_to_hf`'s post-training quantization (`ptq.py`): the serving recipe, and the calibration data
+    (synthetic, or text globs read with `tokenizer`; 0 batches: no input scales)."""
+
+    recipe: str  # fp8 | nvfp4
+    data: str = "synthetic"
+    tokenizer: str = ""
+    batches: int = 8
+    seq_len: int = 512
+
+
+def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: bool = False,
+                quantize: Quantize | None = None) -> None:
     """An Orbax checkpoint (a step directory, or a training workdir / its checkpoints/ folder: the newest
-    step) -> an HF directory."""
+    step) -> an HF directory; with `quantize`, in ModelOpt's quantized layout (`modelopt.py`)."""
     resolved = latest_checkpoint(os.path.abspath(src))
     if resolved != os.path.abspath(src):
         print(f"nemojax-convert: using the newest step, {resolved}", file=sys.stderr)
@@ -189,11 +205,17 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
     stored = _stored_dtypes(tree)
     # With tied embeddings transformers still reads (and writes) a separate head: it gets the embedding.
     tied_head = {EMBEDDINGS: TIED_HEAD} if cfg.tie_word_embeddings else {}
+    plan, amax = _quantization_plan(src, cfg, table, quantize) if quantize else (None, {})
     planned = []
     for entry in table:
         dtype = stored["/".join(entry.ours[0][0])]
-        planned += [(copy, dtype, tuple(shape)) for name, shape in entry.hf
-                    for copy in (name, *([tied_head[name]] if name in tied_head else []))]
+        for name, shape in entry.hf:
+            if plan and name in plan.weights:
+                layout = modelopt.quantized_layout(name.removesuffix(".weight"), plan.weights[name], shape, bool(amax))
+                planned += [(n, dtype, s) for n, (dtype, s) in layout.items()]
+                continue
+            copies = (name, *([tied_head[name]] if name in tied_head else []))
+            planned += [(copy, dtype, tuple(shape)) for copy in copies]
     with staged_output(dst, force) as out:
         writer = StreamingShards(out, planned, max_shard_bytes)
         done = 0
@@ -207,15 +229,47 @@ def orbax_to_hf(src: str, dst: str, max_shard_bytes: int = 5 * 2**30, force: boo
                             raise CheckpointError(f"{src}: parameter {'/'.join(path)} has shape {value.shape}, "
                                                   f"its config says {shape}")
                     for (name, _), tensor in zip(entry.hf, entry.to_hf(values)):
-                        for copy in (name, *([tied_head[name]] if name in tied_head else [])):
-                            writer.write(copy, tensor)
-                            bar.update(tensor.nbytes)
+                        written = (_quantized(plan, name, tensor, amax) if plan and name in plan.weights else
+                                   {copy: tensor for copy in (name, *([tied_head[name]] if name in tied_head else []))})
+                        for copy, value in written.items():
+                            writer.write(copy, value)
+                            bar.update(value.nbytes)
                             done += 1
                     bar.set_postfix(tensors=f"{done}/{len(planned)}", refresh=False)
                 del params
                 release_freed_memory()
         writer.close()
         hf_config = cfg.to_hf()
+        if plan:
+            section = plan.quantization.to_json()
+            hf_config["quantization_config"] = {"quant_method": "modelopt", **section}
+            with open(os.path.join(out, modelopt.QUANT_CONFIG_FILE), "w") as f:
+                json.dump({"producer": {"name": "nemojax"}, "quantization": section}, f, indent=2)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         _copy_assets(os.path.join(src, "assets"), out)
+
+
+def _quantization_plan(src: str, cfg, table: list[Entry], quantize: Quantize):
+    """The export plan and, from a calibration pass over the whole model, each quantized layer's input amax."""
+    if quantize.recipe not in precision.SERVING_RECIPES:
+        raise CheckpointError(f"--quantize {quantize.recipe!r}: expected one of {', '.join(precision.SERVING_RECIPES)}")
+    plan = ptq.export_plan(cfg, [(name, shape) for entry in table for name, shape in entry.hf], quantize.recipe)
+    for module in plan.kept_wide:
+        print(f"nemojax-convert: {module} stays unquantized: its input width does not divide into NVFP4's "
+              f"blocks of {modelopt.NVFP4_GROUP}", file=sys.stderr)
+    if not quantize.batches:
+        return plan, {}
+    from nemojax.checkpoint.loading import load_checkpoint_params
+
+    calibration_cfg = dataclasses.replace(cfg, scan_layers=False, dtype="float32")
+    params = _unreadable_is_an_error(src, "parameters", load_checkpoint_params, src, calibration_cfg)
+    tokenizer = quantize.tokenizer or os.path.join(src, "assets", "tokenizer.json")
+    batches = ptq.calibration_batches(cfg, quantize.data, tokenizer, quantize.batches, quantize.seq_len)
+    return plan, ptq.input_amax(calibration_cfg, params, batches)
+
+
+def _quantized(plan, name: str, weight: np.ndarray, amax: dict[str, float]) -> dict[str, np.ndarray]:
+    module = name.removesuffix(".weight")
+    return modelopt.quantized_tensors(module, plan.weights[name], np.asarray(weight, np.float32),
+                                      amax.get(ptq.policy_module(module)) if amax else None)

@@ -8,15 +8,17 @@ import os
 from typing import Any, Iterator
 
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which the safetensors numpy API needs)
+import ml_dtypes  # also registers bfloat16 with numpy, which the safetensors numpy API needs
 import numpy as np
 from safetensors import safe_open
 
 from nemojax.blocks import hf_table
+from nemojax.checkpoint import modelopt
 from nemojax.config import ModelConfig
 from nemojax.hf_names import UNSUPPORTED_PREFIXES, Entry
 from nemojax.scan_layers import to_layout
 
+FLOAT8 = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -38,7 +40,11 @@ def _open(file: str):
 
 
 class SafetensorsCheckpoint(contextlib.AbstractContextManager):
-    """The tensors of one Hub checkpoint directory (single file or index + shards), opened lazily."""
+    """The tensors of one Hub checkpoint directory (single file or index + shards), opened lazily.
+
+    A ModelOpt-quantized checkpoint (FP8 / NVFP4, `modelopt.py`) reads as its dense tensors: each quantized
+    weight dequantized to fp32 under its own name, the scale tensors out of view; `problems` lists what is
+    missing or mis-shaped among them (`check_tensors` reports it with the rest)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -50,11 +56,18 @@ class SafetensorsCheckpoint(contextlib.AbstractContextManager):
             weight_map = {name: SINGLE_FILE for name in _open(os.path.join(path, SINGLE_FILE)).keys()}
         else:
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
-        self.file_of = weight_map
+        self.stored_file_of = weight_map
         self._handles: dict[str, Any] = {}
+        try:
+            self.quantization = modelopt.read_quantization(path)
+        except (modelopt.QuantizationError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
+        self.quantized, hidden, self.problems = modelopt.find_quantized(
+            list(weight_map), self.stored_shape, self.stored_dtype, self.quantization)
+        self.file_of = {name: file for name, file in weight_map.items() if name not in hidden}
 
     def _handle(self, name: str):
-        file = self.file_of[name]
+        file = self.stored_file_of[name]
         if file not in self._handles:
             full = os.path.join(self.path, file)
             if not os.path.exists(full):
@@ -65,26 +78,51 @@ class SafetensorsCheckpoint(contextlib.AbstractContextManager):
     def names(self) -> list[str]:
         return list(self.file_of)
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
-    def dtype(self, name: str) -> str:
+    def stored_dtype(self, name: str) -> str:
         """The safetensors dtype code, e.g. "BF16"."""
         return self._handle(name).get_slice(name).get_dtype()
 
-    def nbytes(self, name: str) -> int:
-        shape = self.shape(name)
-        itemsize = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}.get(self.dtype(name), 1)
-        return int(np.prod(shape, dtype=np.int64)) * itemsize
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.quantized[name].dense_shape if name in self.quantized else self.stored_shape(name)
 
-    def read(self, name: str) -> np.ndarray:
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code, e.g. "BF16" ("F32" for a dequantized weight)."""
+        return "F32" if name in self.quantized else self.stored_dtype(name)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes stored (what reading the tensor costs)."""
+        sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2}
+        itemsize = sizes.get(self.stored_dtype(name), 1)
+        return int(np.prod(self.stored_shape(name), dtype=np.int64)) * itemsize
+
+    def read_stored(self, name: str) -> np.ndarray:
         try:
+            if self.stored_dtype(name) in FLOAT8:  # numpy has no float8: the safetensors numpy API refuses them
+                return self._read_float8(name)
             return self._handle(name).get_tensor(name)
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{os.path.join(self.path, self.file_of[name])}: cannot read tensor {name} "
-                                  f"({e})") from None
+            raise CheckpointError(f"{os.path.join(self.path, self.stored_file_of[name])}: cannot read tensor "
+                                  f"{name} ({e})") from None
+
+    def read(self, name: str) -> np.ndarray:
+        if name in self.quantized:
+            return self.quantized[name].dequantize(self.read_stored)
+        return self.read_stored(name)
+
+    def _read_float8(self, name: str) -> np.ndarray:
+        """A float8 tensor's bytes, from the safetensors header's offsets, as an ml_dtypes array."""
+        file = os.path.join(self.path, self.stored_file_of[name])
+        with open(file, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_bytes))[name]
+        begin, end = entry["data_offsets"]
+        data = np.fromfile(file, np.uint8, count=end - begin, offset=8 + header_bytes + begin)
+        return data.view(FLOAT8[entry["dtype"]]).reshape(entry["shape"])
 
     def release(self) -> None:
         """Close the open files (and their memory maps), so the pages read so far can leave memory."""
@@ -130,7 +168,7 @@ def check_tensors(ckpt: SafetensorsCheckpoint, table: list[Entry], tied: bool = 
             raise CheckpointError(f"{ckpt.path}: config.json says tie_word_embeddings=true, but {TIED_HEAD} "
                                   f"[{ckpt.file_of[TIED_HEAD]}] differs from {EMBEDDINGS}: set "
                                   "tie_word_embeddings=false to load a separate head")
-    problems = []
+    problems = list(ckpt.problems)  # quantized weights' scales (modelopt.py)
     for name in sorted(expected.keys() - found):
         problems.append(f"  missing:     {name} (expected shape {expected[name]})")
     for name in sorted(found - expected.keys()):

@@ -16,8 +16,10 @@ import numpy as np
 from nemojax.checkpoint.hf import INDEX_FILE, SINGLE_FILE, CheckpointError
 
 SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
-                      "F16": np.dtype(np.float16)}
-_SAFETENSORS_CODE = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+                      "F16": np.dtype(np.float16)}  # what parameters are stored in
+# ... and what a quantized export also writes (modelopt.py): FP8 weights and NVFP4 scales, packed E2M1.
+_SAFETENSORS_CODE = {**{dtype: code for code, dtype in SAFETENSORS_DTYPES.items()},
+                     np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.uint8): "U8"}
 
 
 def process_alive(pid: int) -> bool:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Decoding, dense, normal, param
+from nemojax.layers.common import Decoding, Gemms, dense, normal, param
 from nemojax.ops.attention import cached_attention, causal_attention
 from nemojax.sharding import shard_map_logical
 
@@ -42,6 +42,7 @@ class Attention(nn.Module):
     """Under decoding, keys and values are cached: the prompt's, and the new tokens' (see `Decoding`)."""
 
     cfg: ModelConfig
+    gemms: Gemms = Gemms()
 
     @nn.compact
     def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None,
@@ -50,9 +51,13 @@ class Attention(nn.Module):
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         d, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         init = normal(cfg.initializer_range)
-        q = dense(u, param(self, "q_proj", init, (d, nh, hd), ("embed", "heads", "head_dim"), pdt), 1, cdt)
-        k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
-        v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt)
+        gemm = lambda name: self.gemms.of(self, name)  # noqa: E731
+        q = dense(u, param(self, "q_proj", init, (d, nh, hd), ("embed", "heads", "head_dim"), pdt), 1, cdt,
+                  gemm("q_proj"))
+        k = dense(u, param(self, "k_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt,
+                  gemm("k_proj"))
+        v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt,
+                  gemm("v_proj"))
         if decoding is None or decoding.prefill:
             out = causal_attention_of(cfg, segment_ids)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
         if decoding is not None:
@@ -73,4 +78,4 @@ class Attention(nn.Module):
                 out = cached_attention(q, (k_prompt, k_new.value), (v_prompt, v_new.value),
                                        (jnp.broadcast_to(decoding.lengths[:, None], seen.shape), seen))
         w_o = param(self, "o_proj", init, (nh, hd, d), ("heads", "head_dim", "embed"), pdt)
-        return dense(out, w_o, 2, cdt)
+        return dense(out, w_o, 2, cdt, gemm("o_proj"))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import Decoding, normal, param, projection
+from nemojax.layers.common import Decoding, Gemms, normal, param, projection
 from nemojax.layers.norms import GatedGroupRMSNorm
 from nemojax.ops.conv import causal_conv1d_silu, conv_step
 from nemojax.ops.ssd import ssd_chunked, ssd_step
@@ -89,6 +89,7 @@ class Mamba2Mixer(nn.Module):
     once (`ssd_step`), from the cached SSM state and the last K-1 conv inputs."""
 
     cfg: ModelConfig
+    gemms: Gemms = Gemms()
 
     @nn.compact
     def __call__(self, u: Float[Array, "b l d"], decoding: Decoding | None = None,
@@ -101,8 +102,9 @@ class Mamba2Mixer(nn.Module):
         heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
         stepping = decoding is not None and not decoding.prefill
 
-        def project(name, shape, axes):
-            return projection(self, name, u, init, (d, *shape), ("embed", *axes), 1, cfg.use_bias, pdt, cdt)
+        def project(name, shape, axes):  # the five parts of the Hub's in_proj, in its format
+            return projection(self, name, u, init, (d, *shape), ("embed", *axes), 1, cfg.use_bias, pdt, cdt,
+                              self.gemms.of(self, "in_proj"))
 
         z, x = project("in_z", (h, p), heads), project("in_x", (h, p), heads)
         B, C = project("in_B", (g, n), groups), project("in_C", (g, n), groups)
@@ -159,4 +161,5 @@ class Mamba2Mixer(nn.Module):
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)
         out_init = normal(cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                           if cfg.rescale_prenorm_residual else cfg.initializer_range)
-        return projection(self, "out_proj", y, out_init, (h, p, d), (*heads, "embed"), 2, cfg.use_bias, pdt, cdt)
+        return projection(self, "out_proj", y, out_init, (h, p, d), (*heads, "embed"), 2, cfg.use_bias, pdt, cdt,
+                          self.gemms.of(self, "out_proj"))

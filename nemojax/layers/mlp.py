@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import normal, projection
+from nemojax.layers.common import Gemms, normal, projection
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -18,6 +18,7 @@ def relu2(x: jax.Array) -> jax.Array:
 class MLP(nn.Module):
     cfg: ModelConfig
     intermediate_size: int
+    gemms: Gemms = Gemms()
 
     @nn.compact
     def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
@@ -25,5 +26,7 @@ class MLP(nn.Module):
         pdt, cdt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         init = normal(cfg.initializer_range)
         d, f = cfg.hidden_size, self.intermediate_size
-        hidden = relu2(projection(self, "up_proj", u, init, (d, f), ("embed", "mlp"), 1, cfg.mlp_bias, pdt, cdt))
-        return projection(self, "down_proj", hidden, init, (f, d), ("mlp", "embed"), 1, cfg.mlp_bias, pdt, cdt)
+        hidden = relu2(projection(self, "up_proj", u, init, (d, f), ("embed", "mlp"), 1, cfg.mlp_bias, pdt, cdt,
+                                  self.gemms.of(self, "up_proj")))
+        return projection(self, "down_proj", hidden, init, (f, d), ("mlp", "embed"), 1, cfg.mlp_bias, pdt, cdt,
+                          self.gemms.of(self, "down_proj"))

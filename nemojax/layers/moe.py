@@ -18,9 +18,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
-from nemojax.layers.common import normal, param, projection
+from nemojax.layers.common import Gemm, Gemms, normal, param, projection
 from nemojax.layers.mlp import MLP, relu2
-from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.platform import target_backend
 from nemojax.sharding import BATCH_AXES, EXPERT_AXIS, expert_axis_size
 
@@ -57,15 +56,17 @@ def sequence_balance_loss(logits: Float[Array, "b l e"], expert_ids: Int[Array, 
 
 
 def routed_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
-                   up: Float[Array, "e d f"], down: Float[Array, "e f d"]) -> Float[Array, "t d"]:
-    """Dropless expert MLPs: sort the (token, slot) assignments by expert, grouped matmuls, scatter back."""
+                   up: Float[Array, "e d f"], down: Float[Array, "e f d"], gemms: tuple[Gemm, Gemm] = (Gemm(), Gemm())
+                   ) -> Float[Array, "t d"]:
+    """Dropless expert MLPs: sort the (token, slot) assignments by expert, grouped matmuls (in the up and
+    down projections' formats, `gemms`), scatter back."""
     tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token_of = order // top_k
     group_sizes = jnp.bincount(flat_ids, length=up.shape[0]).astype(jnp.int32)
-    hidden = relu2(grouped_matmul(x[token_of], up, group_sizes))
-    out = grouped_matmul(hidden, down, group_sizes)
+    hidden = relu2(gemms[0].grouped(x[token_of], up, group_sizes))
+    out = gemms[1].grouped(hidden, down, group_sizes)
     out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out)
 
@@ -74,7 +75,8 @@ RAGGED_EXCHANGE_BACKENDS = ("gpu", "tpu")  # where XLA implements `ragged_all_to
 
 
 def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
-                            up: Float[Array, "e d f"], down: Float[Array, "e f d"], axis: str = EXPERT_AXIS,
+                            up: Float[Array, "e d f"], down: Float[Array, "e f d"],
+                            gemms: tuple[Gemm, Gemm] = (Gemm(), Gemm()), axis: str = EXPERT_AXIS,
                             batch_axes: tuple[str, ...] = BATCH_AXES) -> Float[Array, "t d"]:
     """`routed_experts` with the experts split over mesh axis `axis` (inside a mesh context): each
     device sends every (token, slot) assignment to the device holding its expert, runs only its own
@@ -101,8 +103,8 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
         recv_e = exchange.there(flat_ids[order] - destination[order] * experts_here, experts_here)
         by_expert = jnp.argsort(recv_e, stable=True)
         group_sizes = jnp.bincount(recv_e, length=experts_here + 1)[:experts_here].astype(jnp.int32)
-        hidden = relu2(grouped_matmul(recv_x[by_expert], up, group_sizes))
-        out = grouped_matmul(hidden, down, group_sizes)
+        hidden = relu2(gemms[0].grouped(recv_x[by_expert], up, group_sizes))
+        out = gemms[1].grouped(hidden, down, group_sizes)
         out = jnp.where((recv_e[by_expert] < experts_here)[:, None], out, 0)  # rows past the groups
         back = exchange.back(jnp.zeros_like(out).at[by_expert].set(out))
         combined = back.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
@@ -165,6 +167,7 @@ def _ragged_exchange(axis: str, devices: int, counts: jax.Array, sorted_dest: ja
 
 class MoE(nn.Module):
     cfg: ModelConfig
+    gemms: Gemms = Gemms()
 
     @nn.compact
     def __call__(self, u: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
@@ -188,16 +191,20 @@ class MoE(nn.Module):
         expert_in = "latent" if cfg.moe_latent_size else "embed"
         x = flat.astype(cdt)
         if cfg.moe_latent_size:
-            x = projection(self, "fc1_latent_proj", x, init, (d, m), ("embed", "latent"), 1, cfg.mlp_bias, pdt, cdt)
+            x = projection(self, "fc1_latent_proj", x, init, (d, m), ("embed", "latent"), 1, cfg.mlp_bias, pdt, cdt,
+                           self.gemms.of(self, "fc1_latent_proj"))
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
         experts = expert_parallel_experts if expert_axis_size() > 1 else routed_experts
-        y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt)).astype(cdt)
+        expert_gemms = (self.gemms.of(self, "experts.up_proj"), self.gemms.of(self, "experts.down_proj"))
+        y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt), expert_gemms).astype(cdt)
         if cfg.moe_latent_size:
-            y = projection(self, "fc2_latent_proj", y, init, (m, d), ("latent", "embed"), 1, cfg.mlp_bias, pdt, cdt)
+            y = projection(self, "fc2_latent_proj", y, init, (m, d), ("latent", "embed"), 1, cfg.mlp_bias, pdt, cdt,
+                           self.gemms.of(self, "fc2_latent_proj"))
         y = y.reshape(batch, length, d)
         if cfg.n_shared_experts:
-            y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, name="shared_experts")(u)
+            y = y + MLP(cfg, cfg.moe_shared_expert_intermediate_size, self.gemms.under("shared_experts"),
+                        name="shared_experts")(u)
         return y
 
 

@@ -124,3 +124,14 @@ _blocked.defvjp(_forward, _backward)
 
 
 _grouped_matmul = on_cpu(blocked_grouped_matmul, jax.lax.ragged_dot)
+
+
+def pad_groups(arrays: tuple[jax.Array, ...], group_sizes: Int[Array, " g"], block: int
+               ) -> tuple[tuple[jax.Array, ...], Int[Array, " g"]]:
+    """Rows sorted by group, each group padded with zero rows to whole blocks of `block` (so a block never
+    holds two groups' rows), and the padded group sizes. `block` 1: unchanged."""
+    if block == 1:
+        return arrays, group_sizes
+    layout = _Layout(group_sizes, arrays[0].shape[0], block)
+    padded = tuple(_to_blocks(a, layout, block).reshape(layout.blocks * block, a.shape[1]) for a in arrays)
+    return padded, (group_sizes + block - 1) // block * block

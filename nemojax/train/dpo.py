@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from nemojax import precision
 from nemojax.layers.moe import moe_stats
 from nemojax.loss import token_logprobs, weighted_nll
 from nemojax.model import NemotronH
@@ -87,7 +88,7 @@ def dpo_objective(model: NemotronH, preference: Preference, batch: dict, aux_los
     def objective(params, batch):
         tokens, mask, segment_ids = batch["tokens"], batch["mask"], batch["segment_ids"]
         hidden, state = model.apply({"params": params}, tokens, segment_ids=segment_ids, method="hidden",
-                                    mutable=["intermediates"])
+                                    mutable=["intermediates"], rngs=precision.rngs(batch))
         head = model.apply({"params": params}, method="head_weight").astype(hidden.dtype)
         logprobs, _ = token_logprobs(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(head), tokens)
         policy = segment_sums(logprobs * mask[:, 1:], segment_ids)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from nemojax import precision
 from nemojax.loss import lm_head_loss
 from nemojax.model import NemotronH
 from nemojax.mtp import depth_targets
@@ -40,24 +41,24 @@ def mtp_target_counts(model: NemotronH, tokens: Int[Array, "b l"], mask: Bool[Ar
 def loss_and_stats(model: NemotronH, params, tokens: Int[Array, "b l"], mask: Bool[Array, "b l"],
                    target_count: Float[Array, ""], aux_loss_coef: float, mtp_loss_weight: float = 0.0,
                    mtp_counts: Float[Array, " depths"] | None = None,
-                   segment_ids: Int[Array, "b l"] | None = None):
+                   segment_ids: Int[Array, "b l"] | None = None, rngs: dict | None = None):
     """(objective, (lm loss, balance loss, expert counts, MTP losses per depth)); each loss is this
     microbatch's summed NLL divided by its targets in the whole step's batch (`target_count`, and
     `mtp_counts` per MTP depth).
 
     objective = lm loss + aux_loss_coef x balance loss + mtp_loss_weight / depths x sum of the depths'
     losses (docs/models.md). With weight 0 the MTP module is not run (its gradients are zero).
-    `segment_ids` keeps packed documents apart (`data.isolate_documents`).
+    `segment_ids` keeps packed documents apart (`data.isolate_documents`); `rngs`: `precision.rngs`.
     """
     hidden, state = model.apply({"params": params}, tokens, segment_ids=segment_ids, method="hidden",
-                                mutable=["intermediates"])
+                                mutable=["intermediates"], rngs=rngs)
     head = model.apply({"params": params}, method="head_weight").astype(hidden.dtype)
     micro_targets = jnp.sum(mask[:, 1:].astype(f32))
     lm_loss = lm_head_loss(hidden, head, tokens, mask) * micro_targets / target_count
     mtp_losses = jnp.zeros((0,), f32)
     if mtp_loss_weight and model.cfg.num_nextn_predict_layers:
         outputs, mtp_state = model.apply({"params": params}, hidden, tokens, segment_ids, method="mtp_depths",
-                                         mutable=["intermediates"])
+                                         mutable=["intermediates"], rngs=rngs)
         state = {"intermediates": {**state.get("intermediates", {}), **mtp_state.get("intermediates", {})}}
         losses = []
         for depth, (out, count) in enumerate(zip(outputs, mtp_counts), start=1):
@@ -102,7 +103,7 @@ def lm_objective(model: NemotronH, batch: dict, aux_loss_coef: float, mtp_loss_w
     def objective(params, micro):
         value, (lm, balance, counts, mtp) = loss_and_stats(
             model, params, micro["tokens"], micro["mask"], target_count, aux_loss_coef, mtp_loss_weight,
-            mtp_counts, micro.get("segment_ids"))
+            mtp_counts, micro.get("segment_ids"), precision.rngs(micro))
         sums = {"loss": lm}
         if counts:
             sums["balance_loss"] = balance / grad_accum_steps
@@ -116,15 +117,19 @@ def lm_objective(model: NemotronH, batch: dict, aux_loss_coef: float, mtp_loss_w
 def train_step(model: NemotronH, optimizer: optax.GradientTransformation, state: TrainState, batch: dict,
                grad_accum_steps: int, aux_loss_coef: float, bias_update_rate: float,
                schedule: optax.Schedule, mtp_loss_weight: float = 0.0, preference: Preference | None = None,
-               reference: Any = None) -> tuple[TrainState, dict]:
+               reference: Any = None, seed: int = 0) -> tuple[TrainState, dict]:
     """`preference` makes it a DPO step (`nemojax.train.dpo`) against `reference` (frozen parameters, or
-    None when the batch carries precomputed "reference_logps"); else the next-token loss."""
+    None when the batch carries precomputed "reference_logps"); else the next-token loss. `seed`: the
+    low-precision recipe's random numbers, drawn from it and the step so a resumed run repeats them."""
     if preference is None:
         objective = lm_objective(model, batch, aux_loss_coef, mtp_loss_weight, grad_accum_steps)
     else:
         objective = dpo_objective(model, preference, batch, aux_loss_coef, grad_accum_steps, reference)
     micro = batch["tokens"].shape[0] // grad_accum_steps
     microbatches = {k: v.reshape(grad_accum_steps, micro, *v.shape[1:]) for k, v in batch.items()}
+    if model.cfg.precision != "bf16":
+        microbatches[precision.BATCH_KEY] = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step),
+                                                     grad_accum_steps)
     grad_fn = jax.grad(objective, has_aux=True)
 
     def accumulate(carry, microbatch):

@@ -174,7 +174,8 @@ def jitted_train_step(config: ml_collections.ConfigDict, model: NemotronH, optim
     step = functools.partial(train_step, model, optimizer, grad_accum_steps=config.grad_accum_steps,
                              aux_loss_coef=config.moe.aux_loss_coef, bias_update_rate=config.moe.bias_update_rate,
                              schedule=schedule, preference=preference_of(config),
-                             mtp_loss_weight=float(config.mtp.loss_weight) * (config.task != "dpo"))  # DPO: no MTP
+                             mtp_loss_weight=float(config.mtp.loss_weight) * (config.task != "dpo"),  # DPO: no MTP
+                             seed=config.seed)
     shardings = (state_shardings, batch_sharding(mesh))
     if uses_reference_model(config):
         return jax.jit(lambda state, batch, reference: step(state, batch, reference=reference),
