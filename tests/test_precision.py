@@ -274,6 +274,5 @@ def test_training_under_a_recipe_lowers_the_loss(training_run, recipe):
     exactly, another seed changes NVFP4's stochastic rounding."""
     losses = training_run(recipe, 30)
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
-    assert losses[1:3] != training_run("bf16", 3)[1:3]  # the recipe changed the updates
     if recipe == "nvfp4":
         assert training_run(recipe, 3) == losses[:3] and training_run(recipe, 3, seed=1)[1:3] != losses[1:3]
