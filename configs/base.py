@@ -110,7 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
         reference="model",
     ))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))  # -1: the remaining devices
+    # -1: the remaining devices. sequence: context parallelism (each device a span of every sequence).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
 
     c.init_from = ""  # HF checkpoint directory or Orbax checkpoint to start from (ignored when resuming)
     c.model_from_checkpoint = False  # take the architecture from init_from instead of config.model

@@ -16,14 +16,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nemojax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 EXPERT_AXIS = "expert"  # routed experts are split over it (layers/moe.py's expert-parallel exchange)
+SEQUENCE_AXIS = "sequence"  # activations' time axis is split over it (ops/sequence_parallel.py)
 BATCH_AXES = ("data", "fsdp", EXPERT_AXIS)  # the axes a batch is split over
 
 # logical axis -> mesh axis (or axes); names not listed are replicated.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
-    ("length", None),  # activations keep whole sequences and a whole embedding (no sequence parallelism)
+    ("length", SEQUENCE_AXIS),  # context parallelism: each device holds a contiguous span of the sequence
     ("act_embed", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -59,6 +60,18 @@ def expert_axis_size() -> int:
     """Devices along the expert axis of the mesh being traced under (1 outside a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
+
+
+def sequence_axis_size() -> int:
+    """Devices along the sequence axis of the mesh being traced under (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(SEQUENCE_AXIS, 1)
+
+
+def smallest_batch(mesh: Mesh, length: int = 8) -> tuple[int, int]:
+    """The smallest [batch, length] token shape every device gets a piece of (the per-shard ops need one):
+    initialising a model under `mesh` traces it on this."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES), length * mesh.shape[SEQUENCE_AXIS]
 
 
 def check_expert_mesh(mesh: Mesh, cfg) -> None:

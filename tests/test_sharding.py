@@ -19,9 +19,10 @@ MESHES = {
     "data2_fsdp2_expert2": "data=2,fsdp=2,expert=2",
     "fsdp4_tensor2": "fsdp=4,tensor=2",
     "fsdp2_tensor2_expert2": "fsdp=2,tensor=2,expert=2",
+    "fsdp2_sequence4": "fsdp=2,sequence=4",  # context parallelism: each device a quarter of every sequence
     "resumed": "fsdp=4,tensor=2>fsdp=2,tensor=2,expert=2",  # after the two runs whose steps it reuses
 }
-GROUPS = (["data8", "data2_fsdp2_expert2"], ["fsdp4_tensor2", "fsdp2_tensor2_expert2", "resumed"])
+GROUPS = (["data8", "data2_fsdp2_expert2", "fsdp2_sequence4"], ["fsdp4_tensor2", "fsdp2_tensor2_expert2", "resumed"])
 
 
 def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.Popen:

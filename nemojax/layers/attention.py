@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,20 +12,25 @@ from jaxtyping import Array, Float, Int
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, Gemms, dense, normal, param
 from nemojax.ops.attention import cached_attention, causal_attention
-from nemojax.sharding import shard_map_logical
+from nemojax.ops.sequence_parallel import attention_sequence_sharded
+from nemojax.sharding import SEQUENCE_AXIS, sequence_axis_size, shard_map_logical
 
 
 def causal_attention_of(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     """(q, k, v) -> attention output by `cfg.attention_impl`: the XLA blockwise attention, or a fused
     kernel (cuDNN, splash) run on each device's own (batch, heads) shard. `segment_ids`: packed
-    documents kept apart."""
+    documents kept apart. Under a sequence-sharded mesh, each device's queries attend to the all-gathered
+    keys and values (`ops/sequence_parallel.py`)."""
     impl = cfg.kernel_impls()[1]
-    if impl == "xla":
-        return lambda q, k, v: causal_attention(q, k, v, segment_ids)
-    from pallas import attention
-
-    kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}[impl]
     q_axes, kv_axes = ("batch", "length", "heads", None), ("batch", "length", "kv_heads", None)
+    if sequence_axis_size() > 1:
+        kernel = functools.partial(attention_sequence_sharded, axis=SEQUENCE_AXIS)
+    elif impl == "xla":
+        return lambda q, k, v: causal_attention(q, k, v, segment_ids)
+    else:
+        from pallas import attention
+
+        kernel = {"cudnn": attention.cudnn_causal_attention, "splash": attention.splash_causal_attention}[impl]
     if segment_ids is None:
         return shard_map_logical(kernel, in_axes=(q_axes, kv_axes, kv_axes), out_axes=q_axes)
     packed = shard_map_logical(kernel, in_axes=(q_axes, kv_axes, kv_axes, ("batch", "length")), out_axes=q_axes)

@@ -6,6 +6,7 @@ so tensor parallelism shards each along heads or groups; the checkpoint loader s
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -18,7 +19,8 @@ from nemojax.layers.common import Decoding, Gemms, normal, param, projection
 from nemojax.layers.norms import GatedGroupRMSNorm
 from nemojax.ops.conv import causal_conv1d_silu, conv_step
 from nemojax.ops.ssd import ssd_chunked, ssd_step
-from nemojax.sharding import shard_map_logical
+from nemojax.ops.sequence_parallel import conv_sequence_sharded, ssd_sequence_sharded
+from nemojax.sharding import SEQUENCE_AXIS, sequence_axis_size, shard_map_logical
 
 
 def _a_log_init(key, shape, dtype):
@@ -43,20 +45,43 @@ def _conv_init(width: int):
 
 def chunked_scan(cfg: ModelConfig, segment_ids: jax.Array | None = None):
     """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernels,
-    which run on each device's own (batch, heads) shard. `segment_ids`: packed documents kept apart."""
-    if cfg.kernel_impls()[0] == "xla":
+    which run on each device's own (batch, heads) shard. `segment_ids`: packed documents kept apart. Under
+    a sequence-sharded mesh each device scans its span and the shards exchange states
+    (`ops/sequence_parallel.py`)."""
+    xla = cfg.kernel_impls()[0] == "xla"
+    if xla and sequence_axis_size() == 1:
         return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=segment_ids)
-    from pallas.ssd import ssd
+    if xla:
+        local = ssd_chunked
+    else:
+        from pallas.ssd import ssd as local
+    if sequence_axis_size() > 1:
+        local = functools.partial(ssd_sequence_sharded, local_scan=local, axis=SEQUENCE_AXIS)
 
     heads, groups = ("batch", "length", "ssm_heads"), ("batch", "length", "ssm_groups", None)
     in_axes = ((*heads, None), heads, ("ssm_heads",), groups, groups, ("ssm_heads",))
     out_axes = [(*heads, None), ("batch", "ssm_heads", None, None)]
     if segment_ids is None:
-        return shard_map_logical(lambda x, dt, A, B, C, D: ssd(x, dt, A, B, C, cfg.chunk_size, D=D),
+        return shard_map_logical(lambda x, dt, A, B, C, D: local(x, dt, A, B, C, cfg.chunk_size, D=D),
                                  in_axes=in_axes, out_axes=out_axes)
-    scan = shard_map_logical(lambda x, dt, A, B, C, D, seg: ssd(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=seg),
+    scan = shard_map_logical(lambda x, dt, A, B, C, D, seg: local(x, dt, A, B, C, cfg.chunk_size, D=D,
+                                                                  segment_ids=seg),
                              in_axes=(*in_axes, ("batch", "length")), out_axes=out_axes)
     return lambda x, dt, A, B, C, D: scan(x, dt, A, B, C, D, segment_ids)
+
+
+def depthwise_conv(segment_ids: jax.Array | None, axes: tuple[str, ...]):
+    """(t, weight, bias) -> silu(causal conv); under a sequence-sharded mesh each span takes the previous
+    one's last K - 1 inputs (`ops/sequence_parallel.py`)."""
+    if sequence_axis_size() == 1:
+        return lambda t, weight, bias: causal_conv1d_silu(t, weight, bias, segment_ids)
+    t_axes = ("batch", "length", *axes)
+    if segment_ids is None:
+        return shard_map_logical(lambda t, w, b: conv_sequence_sharded(t, w, b, axis=SEQUENCE_AXIS),
+                                 in_axes=(t_axes, ("conv_width", *axes), axes), out_axes=t_axes)
+    conv = shard_map_logical(lambda t, w, b, seg: conv_sequence_sharded(t, w, b, seg, axis=SEQUENCE_AXIS),
+                             in_axes=(t_axes, ("conv_width", *axes), axes, ("batch", "length")), out_axes=t_axes)
+    return lambda t, weight, bias: conv(t, weight, bias, segment_ids)
 
 
 def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
@@ -115,7 +140,7 @@ class Mamba2Mixer(nn.Module):
             bias = (param(self, f"conv_{name}_bias", _conv_init(k), t.shape[2:], axes, pdt) if cfg.use_conv_bias
                     else jnp.zeros(t.shape[2:], pdt))
             if decoding is None:
-                return causal_conv1d_silu(t, weight, bias, segment_ids)
+                return depthwise_conv(segment_ids, axes)(t, weight, bias)
             # Per row and slot, the last K-1 conv inputs (see `Decoding`).
             cached = self.variable("cache", f"conv_{name}", jnp.zeros,
                                    (t.shape[0], decoding.slots, k - 1, *t.shape[2:]), t.dtype)

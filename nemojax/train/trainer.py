@@ -29,7 +29,14 @@ from nemojax.data.posttrain import TASKS
 from nemojax.flops import train_flops
 from nemojax.loss import eval_metrics, eval_sums, eval_totals
 from nemojax.model import NemotronH
-from nemojax.sharding import batch_sharding, check_expert_mesh, logical_shardings, make_mesh, replicated
+from nemojax.sharding import (
+    batch_sharding,
+    check_expert_mesh,
+    logical_shardings,
+    make_mesh,
+    replicated,
+    smallest_batch,
+)
 from nemojax.train.metrics import MetricsWriter, NonFiniteLoss, StepLog, device_peak_flops
 from nemojax.train.dpo import Preference, dpo_eval_metrics, dpo_eval_sums, reply_logprobs
 from nemojax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -235,7 +242,8 @@ class Trainer:
         """init_from's weights; a fresh initialisation when there is none (and `fresh`)."""
         source = self.config.init_from
         if not source and fresh:
-            init = jax.jit(lambda key: nn.unbox(self.model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]),
+            tokens = jnp.zeros(smallest_batch(self.mesh), jnp.int32)
+            init = jax.jit(lambda key: nn.unbox(self.model.init(key, tokens)["params"]),
                            out_shardings=self.param_shardings)
             key = jax.random.key(self.config.seed)
             # Runs once: on the CPU, LLVM's optimisation of its many RNG calls took longer than it saves
