@@ -5,6 +5,7 @@
     python eval.py --checkpoint WORKDIR/checkpoints/600 --tasks recall
     python eval.py --checkpoint SFT_WORKDIR --tasks chat   # held-out generated questions, reasoning on and off
     python eval.py --checkpoint CKPT --tasks generate --prompt "2+2=" [--nochat] [--max_thinking_tokens=512]
+    python eval.py --checkpoint CKPT --tasks ruler --ruler_lengths 4k,16k,64k [--ruler_samples 20]
 
 Results are printed as a table, and written as JSON to --output when it is given.
 """
@@ -18,7 +19,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-TASKS = ("perplexity", "choice", "recall", "generate", "chat")
+TASKS = ("perplexity", "choice", "recall", "generate", "chat", "ruler")
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "an Orbax checkpoint directory or an HF checkpoint directory")
 _TASKS = flags.DEFINE_list("tasks", None, f"comma-separated, from {', '.join(TASKS)}")
@@ -48,6 +49,9 @@ _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "attention: xla,
 _CHAT_QUESTIONS = flags.DEFINE_integer("chat_questions", 64, "chat: held-out generated questions to answer")
 _RECALL_SEQS = flags.DEFINE_integer("recall_sequences", 64, "recall: held-out sequences to score")
 _RECALL_LEN = flags.DEFINE_integer("recall_seq_len", None, "recall: sequence length (default: the training run's)")
+_RULER_LENGTHS = flags.DEFINE_string("ruler_lengths", "4k", "ruler: prompt lengths in tokens, e.g. 4k,16k,64k")
+_RULER_TASKS = flags.DEFINE_list("ruler_tasks", None, "ruler: a subset of nemojax.ruler.TASKS (default: all)")
+_RULER_SAMPLES = flags.DEFINE_integer("ruler_samples", 20, "ruler: examples per task and length")
 _OUTPUT = flags.DEFINE_string("output", None, "where the results are written as JSON (default: printed only)")
 flags.mark_flags_as_required(["checkpoint", "tasks"])
 # Checked before the model loads, so a bad option costs no time. The library checks the same rules
@@ -61,6 +65,7 @@ for _flag, _rule, _why in (
         ("top_k", lambda v: v >= 0, "must be >= 0 (0 keeps every token)"),
         ("recall_sequences", lambda v: v >= 1, "must be >= 1"),
         ("chat_questions", lambda v: v >= 1, "must be >= 1"),
+        ("ruler_samples", lambda v: v >= 1, "must be >= 1"),
         ("recall_seq_len", lambda v: v is None or v >= 2, "must be >= 2")):
     flags.register_validator(_flag, _rule, message=f"--{_flag} {_why}")
 
@@ -77,7 +82,7 @@ def run_tasks() -> dict:
     runtime = {"param_dtype": _DTYPE.value, "dtype": _DTYPE.value} if _DTYPE.value else {}
     runtime.update(ssm_impl=_SSM_IMPL.value, attention_impl=_ATTENTION_IMPL.value)
     cfg, params, training = load_model(_CHECKPOINT.value, **runtime)
-    needs_text = {"perplexity", "choice", "generate", "chat"} & set(_TASKS.value)
+    needs_text = {"perplexity", "choice", "generate", "chat", "ruler"} & set(_TASKS.value)
     tokenizer = for_checkpoint(_CHECKPOINT.value, _TOKENIZER.value, training) if needs_text else None
     scorer = Scorer(cfg, params, _BATCH.value, _MAX_LENGTH.value)
     results: dict = {"checkpoint": os.path.abspath(_CHECKPOINT.value)}
@@ -95,6 +100,19 @@ def run_tasks() -> dict:
             seq_len = _RECALL_LEN.value or (training or {}).get("seq_len", 128)
             results[task] = evaluation.recall(cfg, params, _RECALL_SEQS.value, seq_len, data.get("shuffle_seed", 0),
                                               _BATCH.value)
+        elif task == "ruler":
+            from nemojax import ruler
+
+            try:
+                lengths = ruler.parse_lengths(_RULER_LENGTHS.value)
+            except ValueError as e:
+                raise evaluation.EvalError(str(e)) from None
+            names = _RULER_TASKS.value or list(ruler.TASKS)
+            unknown = [t for t in names if t not in ruler.TASKS]
+            if unknown:
+                raise evaluation.EvalError(f"--ruler_tasks: unknown {unknown}; expected some of "
+                                           f"{', '.join(ruler.TASKS)}")
+            results[task] = evaluation.ruler(cfg, params, tokenizer, lengths, names, _RULER_SAMPLES.value)
         elif task == "chat":
             from nemojax.data.synthetic_chat import held_out_questions
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemojax.config import ModelConfig
 from nemojax.data.pipeline import synthetic_eval_batches
@@ -148,6 +149,29 @@ def chat_accuracy(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, questions
         replies = generate(cfg, params, prompts, max_new_tokens)
         right = [final_answer(tokenizer.decode(r)) == answer for r, (_, answer) in zip(replies, questions)]
         results[f"accuracy_{mode}"] = sum(right) / max(1, len(right))
+    return results
+
+
+def ruler(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, lengths: Sequence[int], tasks: Sequence[str],
+          samples: int, seed: int = 0, max_new_tokens: int = 48) -> dict:
+    """RULER-style tasks (`nemojax.ruler`) at each prompt length: greedy replies (up to the first newline)
+    scored by the fraction of expected answers they contain; per length each task's mean and their average."""
+    from nemojax import ruler as tasks_module
+
+    count = lambda text: len(tokenizer.encode(text))  # noqa: E731
+    results: dict = {"samples": samples}
+    for length in lengths:
+        scores = {}
+        for task in tasks:
+            try:
+                examples = tasks_module.make_examples(task, length, samples, seed, count)
+            except ValueError as e:
+                raise EvalError(str(e)) from None
+            replies = generate(cfg, params, [tokenizer.encode(e.prompt) for e in examples], max_new_tokens)
+            texts = [tokenizer.decode(r).split("\n")[0] for r in replies]
+            scores[task] = float(np.mean([tasks_module.score(t, e.answers) for t, e in zip(texts, examples)]))
+            results[f"{length}/{task}"] = scores[task]
+        results[f"{length}/average"] = float(np.mean(list(scores.values())))
     return results
 
 

@@ -374,5 +374,9 @@ def test_sft_then_dpo_raise_held_out_accuracy(tmp_path):
     assert held_out["eval_reward_accuracy"] > 0.9 and held_out["eval_reward_margin"] > 0, held_out
     assert dpo["accuracy_thinking"] > sft["accuracy_thinking"], (sft, dpo)
     assert results["eval_cli"] == dpo  # eval.py --tasks chat: the same held-out questions, the same answers
+    ruler = results["eval_ruler"]  # eval.py --tasks ruler on the same tiny checkpoint (its scores: the README)
+    tasks = ("niah_single", "variable_tracking", "common_words")
+    assert set(ruler) == {"samples"} | {f"{n}/{t}" for n in (256, 512) for t in (*tasks, "average")}, ruler
+    assert all(0.0 <= v <= 1.0 for k, v in ruler.items() if k != "samples")
     sft_records = results["sft_metrics"]
     assert sft_records[-1]["eval_loss"] < sft_records[0]["loss"] / 4
