@@ -51,8 +51,8 @@ def export_plan(cfg: ModelConfig, hf_weights: Iterable[tuple[str, tuple[int, ...
             continue
         weights[name] = algorithm
     quantized_modules = {policy_module(w.removesuffix(".weight")) for w in weights}
-    excluded = ["lm_head"] + sorted({_EXPERT.sub(".experts.*.", m.removesuffix(".weight")) for m in kept_wide}
-                                    | {_pattern(m) for m in table if m not in quantized_modules})
+    # Every table module not quantized, the recipe's bf16 ones and the ones kept wide alike.
+    excluded = ["lm_head"] + sorted({_pattern(m) for m in table if m not in quantized_modules})
     return ExportPlan(weights, Quantization("export", algorithm, tuple(excluded)), tuple(kept_wide))
 
 
