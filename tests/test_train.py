@@ -70,6 +70,9 @@ def subprocess_env(compilation_cache=True, devices=1, training=True):
     env = with_huge_pages(env) or env  # what train.py would re-execute itself to get, without the second start
     if devices > 1:
         env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+        # A collective whose simulated devices do not all arrive within 40 s aborts the process. On a
+        # loaded 2-core machine one device's thread can wait that long for a core: allow 10 minutes.
+        env["XLA_FLAGS"] += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     if compilation_cache:
         env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "nemojax-tests-jax-cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
