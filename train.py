@@ -23,8 +23,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     import jax
 
-    if jax.process_count() == 1 and _multi_process_environment():
-        jax.distributed.initialize()
+    if _multi_process_environment():
+        jax.distributed.initialize(**_process_arguments())
     from nemojax.checkpoint.hf import CheckpointError
     from nemojax.config import ConfigError
     from nemojax.data.sources import DataError
@@ -59,6 +59,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"train.py: error: {override}: the config has no field `{field}`" + (f" ({hint})" if hint else ""),
               file=sys.stderr)
         sys.exit(1)
+
+
+def _process_arguments() -> dict[str, int]:
+    """An explicit coordinator's process count and this process's index, from JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (JAX reads only the address itself); SLURM and TPU pods detect their own."""
+    import os
+
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    return {arg: int(os.environ[env]) for arg, env in names.items() if env in os.environ}
 
 
 def _multi_process_environment() -> bool:
