@@ -38,6 +38,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed")
 _THINKING = flags.DEFINE_integer("max_thinking_tokens", None, "generate: reasoning budget (models with <think>)")
 _SPECULATIVE = flags.DEFINE_integer("speculative_tokens", 0, "generate: draft this many tokens per backbone call "
                                     "with the model's MTP layers (same tokens greedily, same distribution sampled)")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "generate, ruler: read prompts this many tokens at a time "
+                                     "(bounds the prefill's memory on long prompts; 0: whole prompts)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a tokenizer.json, or `bytes`; default: the checkpoint's")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass when scoring")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "scoring window (default: max_position_embeddings)")
@@ -66,6 +68,7 @@ for _flag, _rule, _why in (
         ("recall_sequences", lambda v: v >= 1, "must be >= 1"),
         ("chat_questions", lambda v: v >= 1, "must be >= 1"),
         ("ruler_samples", lambda v: v >= 1, "must be >= 1"),
+        ("prefill_chunk", lambda v: v >= 0, "must be >= 0 (0: whole prompts)"),
         ("recall_seq_len", lambda v: v is None or v >= 2, "must be >= 2")):
     flags.register_validator(_flag, _rule, message=f"--{_flag} {_why}")
 
@@ -112,7 +115,8 @@ def run_tasks() -> dict:
             if unknown:
                 raise evaluation.EvalError(f"--ruler_tasks: unknown {unknown}; expected some of "
                                            f"{', '.join(ruler.TASKS)}")
-            results[task] = evaluation.ruler(cfg, params, tokenizer, lengths, names, _RULER_SAMPLES.value)
+            results[task] = evaluation.ruler(cfg, params, tokenizer, lengths, names, _RULER_SAMPLES.value,
+                                             prefill_chunk=_PREFILL_CHUNK.value)
         elif task == "chat":
             from nemojax.data.synthetic_chat import held_out_questions
 
@@ -126,7 +130,8 @@ def run_tasks() -> dict:
             results[task] = evaluation.generate_texts(
                 cfg, params, tokenizer, _prompts(), _CHAT.value, max_new_tokens=_MAX_NEW.value,
                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                max_thinking_tokens=_THINKING.value, speculative_tokens=_SPECULATIVE.value)
+                max_thinking_tokens=_THINKING.value, speculative_tokens=_SPECULATIVE.value,
+                prefill_chunk=_PREFILL_CHUNK.value)
     return results
 
 

@@ -153,9 +153,10 @@ def chat_accuracy(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, questions
 
 
 def ruler(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, lengths: Sequence[int], tasks: Sequence[str],
-          samples: int, seed: int = 0, max_new_tokens: int = 48) -> dict:
+          samples: int, seed: int = 0, max_new_tokens: int = 48, prefill_chunk: int = 0) -> dict:
     """RULER-style tasks (`nemojax.ruler`) at each prompt length: greedy replies (up to the first newline)
-    scored by the fraction of expected answers they contain; per length each task's mean and their average."""
+    scored by the fraction of expected answers they contain; per length each task's mean and their average.
+    `prefill_chunk`: read the long prompts that many tokens at a time (`nemojax.generate`)."""
     from nemojax import ruler as tasks_module
 
     count = lambda text: len(tokenizer.encode(text))  # noqa: E731
@@ -167,7 +168,8 @@ def ruler(cfg: ModelConfig, params: Any, tokenizer: Tokenizer, lengths: Sequence
                 examples = tasks_module.make_examples(task, length, samples, seed, count)
             except ValueError as e:
                 raise EvalError(str(e)) from None
-            replies = generate(cfg, params, [tokenizer.encode(e.prompt) for e in examples], max_new_tokens)
+            replies = generate(cfg, params, [tokenizer.encode(e.prompt) for e in examples], max_new_tokens,
+                               prefill_chunk=prefill_chunk)
             texts = [tokenizer.decode(r).split("\n")[0] for r in replies]
             scores[task] = float(np.mean([tasks_module.score(t, e.answers) for t, e in zip(texts, examples)]))
             results[f"{length}/{task}"] = scores[task]

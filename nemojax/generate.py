@@ -33,7 +33,8 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int] | None = None, max_thinking_tokens: int | None = None,
              thinking: ThinkingTokens | None = None, thinking_grace: int = 256, speculative_tokens: int = 0,
-             return_stats: bool = False) -> list[list[int]] | tuple[list[list[int]], SpeculationStats]:
+             prefill_chunk: int = 0, return_stats: bool = False
+             ) -> list[list[int]] | tuple[list[list[int]], SpeculationStats]:
     """The new tokens for each prompt, up to `max_new_tokens`, ending before the first stop token
     (default: the config's eos tokens). Greedy when `temperature` is 0.
 
@@ -45,6 +46,9 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
     `thinking.end`: after that many thinking tokens an unfinished thought is closed by inserting
     `thinking.end` after the next newline, or after `thinking_grace` more tokens if no newline comes.
     A prompt that ends inside an open thought (the chat template's `<think>`) counts as thinking.
+
+    `prefill_chunk=n` reads prompts n tokens at a time (`chunked_prefill`): the same tokens, with the
+    prefill's activations bounded by n tokens instead of the prompt's length (long contexts).
     """
     prompts = [list(map(int, p)) for p in prompts]
     _check(cfg, prompts, max_new_tokens)
@@ -57,9 +61,12 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
                               "`nemojax.tokenizer.from_file(path).thinking_tokens()` reads them from a tokenizer")
     limits = np.array([max_thinking_tokens or 0, thinking_grace], np.int32)
     _check_speculation(cfg, speculative_tokens, thinking)
+    _check_prefill_chunk(prefill_chunk, speculative_tokens)
 
     lengths = np.array([len(p) for p in prompts], np.int32)
     padded = bucket_length(int(lengths.max()))
+    if prefill_chunk and padded > prefill_chunk:
+        padded = -(-int(lengths.max()) // prefill_chunk) * prefill_chunk  # whole chunks
     ids = np.zeros((len(prompts), padded), np.int32)
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = prompt
@@ -74,7 +81,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
         return (results, stats_of(histogram)) if return_stats else results
     out = _generate_ids(params, jnp.asarray(ids), jnp.asarray(lengths), jnp.asarray(thinking_now),
                         jnp.asarray(limits), jax.random.key(seed), cfg=cfg, max_new_tokens=int(max_new_tokens),
-                        sampling=sampling, stops=stops, thinking=thinking)
+                        sampling=sampling, stops=stops, thinking=thinking, prefill_chunk=int(prefill_chunk))
     results = _until_stop(out, stops)
     # Without speculation every token costs one backbone call: no drafts accepted.
     return (results, SpeculationStats((sum(len(r) for r in results),))) if return_stats else results
@@ -101,6 +108,14 @@ def _check_speculation(cfg: ModelConfig, k: int, thinking: ThinkingTokens | None
     if k and thinking is not None:
         raise GenerationError("speculative_tokens cannot be combined with max_thinking_tokens yet: the budget "
                               "forces tokens one step at a time")
+
+
+def _check_prefill_chunk(chunk: int, speculative_tokens: int) -> None:
+    if not isinstance(chunk, (int, np.integer)) or chunk < 0:
+        raise GenerationError(f"prefill_chunk = {chunk!r}: must be an integer >= 0 (0: the whole prompt at once)")
+    if chunk and speculative_tokens:
+        raise GenerationError("prefill_chunk cannot be combined with speculative_tokens yet: speculative "
+                              "decoding prefills its MTP caches in one call")
 
 
 def _eos_tokens(cfg: ModelConfig) -> tuple[int, ...]:
@@ -158,15 +173,44 @@ def apply_budget(token: Int[Array, " b"], state: tuple, ids: ThinkingTokens, lim
     return token, (in_thought, length, force)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stops", "thinking"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stops", "thinking",
+                                             "prefill_chunk"))
 def _generate_ids(params: Any, ids: Int[Array, "b l"], lengths: Int[Array, " b"],
                   thinking_now: Bool[Array, " b"], limits: Int[Array, "2"], key: jax.Array, *, cfg: ModelConfig,
-                  max_new_tokens: int, sampling: Sampling, stops: tuple[int, ...], thinking: ThinkingTokens | None
-                  ) -> Int[Array, "b n"]:
-    logits, cache = NemotronH(cfg).apply({"params": params}, ids, lengths, max_new_tokens, method="prefill",
-                                         mutable=["cache"])
-    return decode_tokens(cfg, params, cache["cache"], logits, lengths, thinking_now, limits, key,
+                  max_new_tokens: int, sampling: Sampling, stops: tuple[int, ...], thinking: ThinkingTokens | None,
+                  prefill_chunk: int = 0) -> Int[Array, "b n"]:
+    chunk = prefill_chunk if 0 < prefill_chunk < ids.shape[1] else ids.shape[1]
+    logits, cache = chunked_prefill(cfg, params, ids, lengths, max_new_tokens, chunk)
+    return decode_tokens(cfg, params, cache, logits, lengths, thinking_now, limits, key,
                          max_new_tokens=max_new_tokens, sampling=sampling, stops=stops, thinking=thinking)
+
+
+def chunked_prefill(cfg: ModelConfig, params: Any, ids: Int[Array, "b l"], lengths: Int[Array, " b"],
+                    max_new_tokens: int, chunk: int) -> tuple[Float[Array, "b v"], Any]:
+    """The prefill (next-token logits and caches) of right-padded prompts read `chunk` tokens at a time,
+    each chunk continuing the caches the previous one left: what the one-shot prefill gives, with one
+    chunk's activations (Mamba states are constant in size; the attention caches hold the prompt). The
+    padded length must be whole chunks; one chunk is the one-shot prefill."""
+    total = ids.shape[1]
+    if total % chunk:
+        raise GenerationError(f"a prefill of {total} tokens in chunks of {chunk}: the padded prompt must be "
+                              "whole chunks")
+    model = NemotronH(cfg)
+
+    def prefill(variables, offset):
+        piece = jax.lax.dynamic_slice_in_dim(ids, offset, chunk, axis=1)
+        logits, cache = model.apply(variables, piece, lengths, max_new_tokens, offset, total, method="prefill",
+                                    mutable=["cache"])
+        return logits, cache["cache"]
+
+    def next_chunk(carry, offset):
+        logits, cache = carry
+        chunk_logits, cache = prefill({"params": params, "cache": cache}, offset)
+        reached = lengths - 1 >= offset  # the row's last token is in this chunk or a later one
+        return (jnp.where(reached[:, None], chunk_logits, logits), cache), None
+
+    first = prefill({"params": params}, 0)  # creates the caches
+    return jax.lax.scan(next_chunk, first, jnp.arange(chunk, total, chunk))[0]
 
 
 def decode_tokens(cfg: ModelConfig, params: Any, cache: Any, logits: Float[Array, "b v"], lengths: Int[Array, " b"],

@@ -122,13 +122,17 @@ class NemotronH(nn.Module):
             outputs.append(hidden)
         return outputs
 
-    def prefill(self, input_ids: Int[Array, "b l"], lengths: Int[Array, " b"], max_new_tokens: int
-                ) -> Float[Array, "b v"]:
+    def prefill(self, input_ids: Int[Array, "b l"], lengths: Int[Array, " b"], max_new_tokens: int,
+                offset: Int[Array, ""] | int = 0, prompt_length: int = 0) -> Float[Array, "b v"]:
         """Fill fresh caches from right-padded prompts of `lengths` real tokens, with room for
-        `max_new_tokens` more; returns the logits after each prompt's last token. (Speculative decoding
-        calls `hidden` with its own `Decoding`.)"""
-        x = self.hidden(input_ids, Decoding(lengths, prefill=True, max_new_tokens=max_new_tokens))
-        return self.logits(x[jnp.arange(x.shape[0]), lengths - 1])
+        `max_new_tokens` more; returns the logits after each prompt's last token. A chunked prefill
+        (`nemojax.generate.chunked_prefill`) calls this once per chunk of a `prompt_length`-token prompt,
+        the chunk starting at `offset`, with the caches so far; the logits are then after each row's last
+        token in this chunk. (Speculative decoding calls `hidden` with its own `Decoding`.)"""
+        decoding = Decoding(lengths, offset=offset, prefill=True, max_new_tokens=max_new_tokens,
+                            prompt_length=prompt_length)
+        x = self.hidden(input_ids, decoding)
+        return self.logits(x[jnp.arange(x.shape[0]), jnp.clip(lengths - 1 - offset, 0, x.shape[1] - 1)])
 
     def decode(self, tokens: Int[Array, " b"], lengths: Int[Array, " b"], step: Int[Array, ""]
                ) -> Float[Array, "b v"]:

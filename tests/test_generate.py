@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from nemojax import ModelConfig, NemotronH, generate, load_hf
-from nemojax.generate import GenerationError, Sampling, sample
+from nemojax.generate import GenerationError, Sampling, chunked_prefill, sample
 from nemojax.tokenizer import ThinkingTokens
 from tests.conftest import VOCAB
 
@@ -77,6 +78,46 @@ def test_greedy_equals_transformers_generate(loaded):
             theirs = theirs[:theirs.index(eos)]
         assert got == theirs
         assert len(got) >= 8  # the comparison covers real decoding, not an immediate stop
+    # Read 4 tokens at a time (prompts padded to 5 chunks, rows ending in different ones): the same tokens.
+    assert generate(cfg, params, prompts, max_new_tokens=32, prefill_chunk=4) == ours
+
+
+def test_chunked_prefill_equals_one_shot(dense):
+    """A prefill in chunks of 5 tokens (SSD chunks of 8 cut mid-way; rows ending in the last chunk, a middle
+    one and the first) gives the one-shot prefill's next-token logits and caches: every Mamba conv window
+    and state, and the prompt's keys and values at real positions (padding is never read)."""
+    cfg, params = dense
+    ids = np.random.default_rng(4).integers(3, VOCAB, (3, 25)).astype(np.int32)
+    lengths = jnp.array([25, 12, 1], jnp.int32)
+    prefill = jax.jit(chunked_prefill, static_argnums=(0, 4, 5))
+    one_shot, whole_cache = prefill(cfg, params, ids, lengths, 6, 25)
+    chunked, chunked_cache = prefill(cfg, params, ids, lengths, 6, 5)
+    np.testing.assert_allclose(chunked, one_shot, rtol=1e-5, atol=1e-5)
+    real = np.arange(25)[None, None, :, None] < np.asarray(lengths)[:, None, None, None]
+    compared = set()
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(whole_cache), jax.tree.leaves(chunked_cache)):
+        name = jax.tree_util.keystr(path)
+        assert want.shape == got.shape, name
+        if "prompt_" in name:  # [b, kv heads, 25, head dim]
+            want, got = np.where(real, want, 0), np.where(real, got, 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        compared.add(name.split("'")[-2])
+    assert {"conv_x", "conv_B", "conv_C", "ssm", "prompt_k", "prompt_v"} <= compared
+
+
+def test_chunked_prefill_memory_is_bounded(dense):
+    """An 8k-token prompt read in chunks of 512: the compiled prefill's scratch memory is a small fraction
+    of the one-shot prefill's (the chunk's activations instead of the prompt's; the caches are outputs)."""
+    cfg, params = dense
+    ids, lengths = jnp.zeros((1, 8192), jnp.int32), jnp.array([8192], jnp.int32)
+
+    def scratch(chunk):
+        prefill = jax.jit(functools.partial(chunked_prefill, cfg, max_new_tokens=1, chunk=chunk))
+        return prefill.lower(params, ids, lengths).compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = scratch(8192), scratch(512)
+    print(f"prefill scratch at 8192 tokens: one shot {whole / 2**20:.1f} MiB, chunks of 512 {chunked / 2**20:.1f} MiB")
+    assert chunked < 0.25 * whole, (chunked, whole)
 
 
 def test_stop_tokens_end_generation(dense):
@@ -121,6 +162,8 @@ def test_generation_errors(dense):
         generate(cfg, params, [[1, 500]], max_new_tokens=4)
     with pytest.raises(GenerationError, match="needs `thinking="):
         generate(cfg, params, [[1, 2]], max_new_tokens=4, max_thinking_tokens=3)
+    with pytest.raises(GenerationError, match=r"prefill_chunk = -4: must be an integer >= 0"):
+        generate(cfg, params, [[1, 2]], max_new_tokens=4, prefill_chunk=-4)
 
 
 # ----- the reasoning budget, on a model whose next token is hand-set ----------------------------

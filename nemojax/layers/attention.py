@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from nemojax.config import ModelConfig
 from nemojax.layers.common import Decoding, Gemms, dense, normal, param
-from nemojax.ops.attention import cached_attention, causal_attention
+from nemojax.ops.attention import attention_at, cached_attention, causal_attention
 from nemojax.ops.sequence_parallel import attention_sequence_sharded
 from nemojax.sharding import SEQUENCE_AXIS, sequence_axis_size, shard_map_logical
 
@@ -65,7 +65,8 @@ class Attention(nn.Module):
                   gemm("k_proj"))
         v = dense(u, param(self, "v_proj", init, (d, nkv, hd), ("embed", "kv_heads", "head_dim"), pdt), 1, cdt,
                   gemm("v_proj"))
-        if decoding is None or decoding.prefill:
+        chunk = decoding is not None and decoding.prefill and decoding.prompt_length not in (0, u.shape[1])
+        if (decoding is None or decoding.prefill) and not chunk:
             out = causal_attention_of(cfg, segment_ids)(q, k, v)  # fp32 softmax; K/V heads shared, never repeated
         if decoding is not None:
             # The prompt's keys and values are written once, at prefill; each decoding step writes its
@@ -73,9 +74,15 @@ class Attention(nn.Module):
             # whole context-long cache inside the decode loop made XLA copy it every step.
             shape = (u.shape[0], nkv, decoding.max_new_tokens, hd)
             k_new, v_new = (self.variable("cache", name, jnp.zeros, shape, cdt) for name in ("new_k", "new_v"))
-            if decoding.prefill:
-                self.put_variable("cache", "prompt_k", k.transpose(0, 2, 1, 3))  # [b, kv_heads, l, head_dim]
-                self.put_variable("cache", "prompt_v", v.transpose(0, 2, 1, 3))
+            if decoding.prefill:  # [b, kv_heads, prompt length, head_dim], this call's at its offset
+                shape = (u.shape[0], nkv, decoding.prompt_length or u.shape[1], hd)
+                k_prompt, v_prompt = (self.variable("cache", name, jnp.zeros, shape, cdt)
+                                      for name in ("prompt_k", "prompt_v"))
+                k_prompt.value, v_prompt.value = (_write_new(cache.value, new.transpose(0, 2, 1, 3), decoding.offset)
+                                                  for cache, new in ((k_prompt, k), (v_prompt, v)))
+                if chunk:  # the chunk's queries against the prompt's keys so far
+                    out = attention_at(q, k_prompt.value.transpose(0, 2, 1, 3), v_prompt.value.transpose(0, 2, 1, 3),
+                                       decoding.offset)
             else:
                 k_prompt, v_prompt = self.get_variable("cache", "prompt_k"), self.get_variable("cache", "prompt_v")
                 k_new.value = _write_new(k_new.value, k.transpose(0, 2, 1, 3), decoding.step)

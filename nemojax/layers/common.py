@@ -28,7 +28,10 @@ class Decoding:
     """A cached-inference call. Mixers with state keep it in the "cache" variable collection.
 
     Prefill (`prefill=True`): right-padded prompts of `lengths[b]` real tokens fill fresh caches, with
-    room for `max_new_tokens` more; padding never reaches a cache. A decoding call: `t` new tokens per
+    room for `max_new_tokens` more; padding never reaches a cache. A chunked prefill makes one such call
+    per chunk of a `prompt_length`-token prompt, the chunk's first token at position `offset`, each
+    continuing the caches the previous chunk left (Mamba states, conv windows, the prompt's keys and
+    values), so its memory is bounded by the chunk. A decoding call: `t` new tokens per
     row, at positions `lengths[b] + step[b] + i` (`step`: the row's new tokens already cached; one
     scalar when every row advances together).
 
@@ -42,7 +45,9 @@ class Decoding:
     lengths: Int[Array, " b"]
     step: Int[Array, " b"] | Int[Array, ""] | int = 0
     resume: Int[Array, " b"] | Int[Array, ""] | int = 0
+    offset: Int[Array, ""] | int = 0
     prefill: bool = struct.field(pytree_node=False, default=False)
+    prompt_length: int = struct.field(pytree_node=False, default=0)  # 0: the prefill call is the whole prompt
     max_new_tokens: int = struct.field(pytree_node=False, default=0)
     slots: int = struct.field(pytree_node=False, default=1)
 

@@ -44,30 +44,40 @@ def _conv_init(width: int):
 
 
 def chunked_scan(cfg: ModelConfig, segment_ids: jax.Array | None = None):
-    """(x, dt, A, B, C, D) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the Pallas kernels,
-    which run on each device's own (batch, heads) shard. `segment_ids`: packed documents kept apart. Under
-    a sequence-sharded mesh each device scans its span and the shards exchange states
-    (`ops/sequence_parallel.py`)."""
+    """(x, dt, A, B, C, D[, initial_state]) -> (y, final state) by `cfg.ssm_impl`: the XLA scan, or the
+    Pallas kernels, which run on each device's own (batch, heads) shard. `segment_ids`: packed documents
+    kept apart. Under a sequence-sharded mesh each device scans its span and the shards exchange states
+    (`ops/sequence_parallel.py`); a chunked prefill's initial state does not combine with that."""
     xla = cfg.kernel_impls()[0] == "xla"
-    if xla and sequence_axis_size() == 1:
-        return lambda x, dt, A, B, C, D: ssd_chunked(x, dt, A, B, C, cfg.chunk_size, D=D, segment_ids=segment_ids)
+    sharded_sequence = sequence_axis_size() > 1
+    if xla and not sharded_sequence:
+        return lambda x, dt, A, B, C, D, initial_state=None: ssd_chunked(
+            x, dt, A, B, C, cfg.chunk_size, D=D, initial_state=initial_state, segment_ids=segment_ids)
     if xla:
         local = ssd_chunked
     else:
         from pallas.ssd import ssd as local
-    if sequence_axis_size() > 1:
+    if sharded_sequence:
         local = functools.partial(ssd_sequence_sharded, local_scan=local, axis=SEQUENCE_AXIS)
 
     heads, groups = ("batch", "length", "ssm_heads"), ("batch", "length", "ssm_groups", None)
+    state = ("batch", "ssm_heads", None, None)
     in_axes = ((*heads, None), heads, ("ssm_heads",), groups, groups, ("ssm_heads",))
-    out_axes = [(*heads, None), ("batch", "ssm_heads", None, None)]
-    if segment_ids is None:
-        return shard_map_logical(lambda x, dt, A, B, C, D: local(x, dt, A, B, C, cfg.chunk_size, D=D),
-                                 in_axes=in_axes, out_axes=out_axes)
-    scan = shard_map_logical(lambda x, dt, A, B, C, D, seg: local(x, dt, A, B, C, cfg.chunk_size, D=D,
-                                                                  segment_ids=seg),
-                             in_axes=(*in_axes, ("batch", "length")), out_axes=out_axes)
-    return lambda x, dt, A, B, C, D: scan(x, dt, A, B, C, D, segment_ids)
+
+    def scan(x, dt, A, B, C, D, initial_state=None):
+        optional = {"segment_ids": (segment_ids, ("batch", "length")), "initial_state": (initial_state, state)}
+        given = {name: value for name, value in optional.items() if value[0] is not None}
+        if sharded_sequence and initial_state is not None:
+            raise ValueError("a Mamba scan with an initial state (chunked prefill) cannot run on a sequence-sharded "
+                             "mesh: prefill with mesh.sequence = 1")
+
+        def body(x, dt, A, B, C, D, *extra):
+            return local(x, dt, A, B, C, cfg.chunk_size, D=D, **dict(zip(given, extra)))
+
+        return shard_map_logical(body, in_axes=(*in_axes, *(axes for _, axes in given.values())),
+                                 out_axes=[(*heads, None), state])(x, dt, A, B, C, D, *(v for v, _ in given.values()))
+
+    return scan
 
 
 def depthwise_conv(segment_ids: jax.Array | None, axes: tuple[str, ...]):
@@ -84,10 +94,9 @@ def depthwise_conv(segment_ids: jax.Array | None, axes: tuple[str, ...]):
     return lambda t, weight, bias: conv(t, weight, bias, segment_ids)
 
 
-def _last_tokens(t: jax.Array, lengths: jax.Array, count: int) -> jax.Array:
-    """Per row b, the `count` entries of t (time axis 1) before position lengths[b], zeros before 0."""
-    padded = jnp.pad(t, [(0, 0), (count, 0)] + [(0, 0)] * (t.ndim - 2))
-    return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, count, axis=0))(padded, lengths)
+def _rows_slice(t: jax.Array, starts: jax.Array, count: int) -> jax.Array:
+    """Per row b, the `count` entries of t (time axis 1) from index starts[b]."""
+    return jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, count, axis=0))(t, starts)
 
 
 def _into_slots(states: jax.Array, slots: int) -> jax.Array:
@@ -144,10 +153,12 @@ class Mamba2Mixer(nn.Module):
             # Per row and slot, the last K-1 conv inputs (see `Decoding`).
             cached = self.variable("cache", f"conv_{name}", jnp.zeros,
                                    (t.shape[0], decoding.slots, k - 1, *t.shape[2:]), t.dtype)
-            if decoding.prefill:
-                cached.value = _into_slots(_last_tokens(t, decoding.lengths, k - 1)[:, None], decoding.slots)
-                return causal_conv1d_silu(t, weight, bias)
             window = jnp.concatenate([_resumed(cached.value, decoding.resume), t], axis=1)
+            if decoding.prefill:  # after the K - 1 inputs before this call (zeros at the prompt's start)
+                # The K - 1 inputs before each row's end: window index j holds this call's position j - K + 1.
+                real = jnp.clip(decoding.lengths - decoding.offset, 0, t.shape[1])  # the row's tokens in this call
+                cached.value = _into_slots(_rows_slice(window, real, k - 1)[:, None], decoding.slots)
+                return causal_conv1d_silu(window, weight, bias)[:, k - 1:]
             steps = range(t.shape[1])
             cached.value = _into_slots(jnp.stack([window[:, i + 1:i + k] for i in steps], axis=1), decoding.slots)
             return jnp.stack([conv_step(window[:, i:i + k], weight, bias) for i in steps], axis=1)
@@ -179,8 +190,9 @@ class Mamba2Mixer(nn.Module):
                     states.append(state)
                 y, states = jnp.stack(ys, axis=1), jnp.stack(states, axis=1)
             else:  # padded steps get dt = 0: no decay and no input, so the final state is the last real token's
-                real = jnp.arange(u.shape[1])[None, :] < decoding.lengths[:, None]
-                y, state = chunked_scan(cfg)(x, jnp.where(real[..., None], dt, 0.0), A, B, C, D)
+                real = decoding.offset + jnp.arange(u.shape[1])[None, :] < decoding.lengths[:, None]
+                entering = _resumed(ssm.value, decoding.resume).astype(jnp.float32)  # zeros at the prompt's start
+                y, state = chunked_scan(cfg)(x, jnp.where(real[..., None], dt, 0.0), A, B, C, D, entering)
                 states = state.astype(cache_dtype)[:, None]
             ssm.value = _into_slots(states, decoding.slots)
         y = GatedGroupRMSNorm(g, cfg.layer_norm_epsilon, pdt, name="norm")(y, z)

@@ -11,8 +11,7 @@
   one (a ppermute halo) and drops their outputs.
 - Attention (`attention_sequence_sharded`): keys and values are all-gathered over the axis (a hybrid has few
   attention layers, and GQA's few KV heads make them small); each shard's queries attend with the causal
-  mask of their global positions, flash-style: blocks of queries, an online softmax over blocks of keys,
-  and a backward that recomputes each query block.
+  mask of their global positions (`ops/attention.py::attention_at`, flash-style).
 
 With packed documents (`segment_ids`, non-decreasing per row), the entering state reaches only the
 positions still in the document the previous shard ended in, and a shard holding a document start passes
@@ -21,13 +20,13 @@ nothing from before it on.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from nemojax.ops.attention import attention_at
 from nemojax.ops.conv import causal_conv1d_silu
 from nemojax.ops.ssd import ssd_chunked
 
@@ -92,97 +91,8 @@ def attention_sequence_sharded(q: Float[Array, "b l h d"], k: Float[Array, "b l 
                                block: int = 128) -> Float[Array, "b l h d"]:
     """Causal GQA attention over a sequence split on mesh axis `axis` (this shard's queries, keys and
     values): softmax(q k^T / sqrt(d)) v with the mask of global positions (and of documents)."""
-    b, length, h, d = q.shape
-    g = k.shape[2]
     keys, values = (jax.lax.all_gather(t, axis, axis=1, tiled=True) for t in (k, v))  # [b L g d]
-    total = keys.shape[1]
-    if segment_ids is None:
-        segment_ids = jnp.zeros((b, length), jnp.int32)
-    key_segments = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)
-    q_block, k_block = min(block, length), min(block, total)
-    pad_q, pad_k = -length % q_block, -total % k_block
-    qg = jnp.pad(q, [(0, 0), (0, pad_q), (0, 0), (0, 0)]).reshape(b, -1, q_block, g, h // g, d)
-    kb, vb = (jnp.pad(t, [(0, 0), (0, pad_k), (0, 0), (0, 0)]).reshape(b, -1, k_block, g, d) for t in (keys, values))
-    q_pos = (jax.lax.axis_index(axis) * length + jnp.arange(length + pad_q)).reshape(-1, q_block)
-    k_pos = jnp.arange(total + pad_k)
-    k_pos = jnp.where(k_pos < total, k_pos, jnp.iinfo(jnp.int32).max).reshape(-1, k_block)  # padding: never seen
-    q_seg = jnp.pad(segment_ids, [(0, 0), (0, pad_q)]).reshape(b, -1, q_block)
-    k_seg = jnp.pad(key_segments, [(0, 0), (0, pad_k)]).reshape(b, -1, k_block)
-    out = _flash(qg, kb, vb, q_pos, k_pos, q_seg, k_seg)  # [blocks b g r q d]
-    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, -1, h, d)[:, :length].astype(q.dtype)
-
-
-def _scores(qi, kj, q_pos, k_pos, q_seg, k_seg):
-    """[b g r q k] scores of a (scaled) query block against a key block, masked by position and document."""
-    s = jnp.einsum("bqgrd,bkgd->bgrqk", qi, kj.astype(f32))
-    visible = (k_pos[None, :] <= q_pos[:, None])[None] & (q_seg[:, :, None] == k_seg[:, None, :])  # [b q k]
-    return jnp.where(visible[:, None, None], s, -jnp.inf)
-
-
-def _finite(t):
-    return jnp.where(jnp.isfinite(t), t, 0.0)
-
-
-@jax.custom_vjp
-def _flash(qg, kb, vb, q_pos, k_pos, q_seg, k_seg):
-    return _flash_forward(qg, kb, vb, q_pos, k_pos, q_seg, k_seg)[0]
-
-
-def _flash_forward(qg, kb, vb, q_pos, k_pos, q_seg, k_seg):
-    """Per query block an online softmax over the key blocks: (outputs, log-sum-exps)."""
-    scale = 1.0 / math.sqrt(qg.shape[-1])
-    b, _, q_block, g, r, d = qg.shape
-
-    def query_block(i):
-        qi = qg[:, i].astype(f32) * scale
-
-        def key_block(carry, j):
-            top, denom, acc = carry
-            s = _scores(qi, kb[:, j], q_pos[i], k_pos[j], q_seg[:, i], k_seg[:, j])
-            new_top = jnp.maximum(top, jnp.max(s, axis=-1))
-            p = jnp.exp(s - _finite(new_top)[..., None])
-            rescale = jnp.exp(_finite(top) - _finite(new_top))
-            acc = acc * rescale[..., None] + jnp.einsum("bgrqk,bkgd->bgrqd", p, vb[:, j].astype(f32))
-            return (new_top, denom * rescale + jnp.sum(p, axis=-1), acc), None
-
-        shape = (b, g, r, q_block)
-        init = (jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32), jnp.zeros((*shape, d), f32))
-        (top, denom, acc), _ = jax.lax.scan(key_block, init, jnp.arange(kb.shape[1]))
-        return acc / jnp.maximum(denom, 1e-30)[..., None], _finite(top) + jnp.log(jnp.maximum(denom, 1e-30))
-
-    return jax.lax.map(query_block, jnp.arange(qg.shape[1]))
-
-
-def _flash_fwd(qg, kb, vb, q_pos, k_pos, q_seg, k_seg):
-    out, lse = _flash_forward(qg, kb, vb, q_pos, k_pos, q_seg, k_seg)
-    return out, (qg, kb, vb, q_pos, k_pos, q_seg, k_seg, out, lse)
-
-
-def _flash_bwd(res, d_out):
-    """Flash attention's backward: probabilities recomputed from the saved log-sum-exps, one (query block,
-    key block) tile at a time; key and value gradients accumulate over the query blocks."""
-    qg, kb, vb, q_pos, k_pos, q_seg, k_seg, out, lse = res
-    scale = 1.0 / math.sqrt(qg.shape[-1])
-
-    def query_block(carry, i):
-        dk, dv = carry
-        qi, do = qg[:, i].astype(f32) * scale, d_out[i].astype(f32)
-        delta = jnp.sum(do * out[i], axis=-1)  # [b g r q]
-
-        def key_block(dq, j):
-            p = jnp.exp(_scores(qi, kb[:, j], q_pos[i], k_pos[j], q_seg[:, i], k_seg[:, j]) - lse[i][..., None])
-            dp = jnp.einsum("bgrqd,bkgd->bgrqk", do, vb[:, j].astype(f32))
-            ds = p * (dp - delta[..., None])
-            dq = dq + jnp.einsum("bgrqk,bkgd->bqgrd", ds, kb[:, j].astype(f32)) * scale
-            return dq, (jnp.einsum("bgrqk,bqgrd->bkgd", ds, qi), jnp.einsum("bgrqk,bgrqd->bkgd", p, do))
-
-        dq, (dk_i, dv_i) = jax.lax.scan(key_block, jnp.zeros(qi.shape, f32), jnp.arange(kb.shape[1]))
-        return (dk + jnp.moveaxis(dk_i, 0, 1), dv + jnp.moveaxis(dv_i, 0, 1)), dq
-
-    zeros = jnp.zeros(kb.shape, f32)
-    (dk, dv), dq = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(qg.shape[1]))
-    return (jnp.moveaxis(dq, 0, 1).astype(qg.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype),
-            None, None, None, None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+    segments = None
+    if segment_ids is not None:
+        segments = (segment_ids, jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True))
+    return attention_at(q, keys, values, jax.lax.axis_index(axis) * q.shape[1], segments, block)
