@@ -107,6 +107,7 @@ BACKGROUND_CHECKS = {  # tests/fixtures script -> the test that reads its result
     "expert_parallel_check": "tests/test_sharding.py::test_expert_parallel_moe",
     "convert_memory_check": "tests/test_convert.py::test_peak_memory_stays_under_half_the_checkpoint",
     "sequence_parallel_check": "tests/test_sequence_parallel.py::test_sequence_sharded_op_equals_the_unsharded_one",
+    "multihost_runs": "tests/test_sharding.py::test_two_processes_give_the_single_device_losses",
 }
 _BACKGROUND_DIRS: list[str] = []
 

@@ -4,6 +4,7 @@ are really sharded as the logical rules say; a checkpoint written under one mesh
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -56,14 +57,12 @@ def results(proc: subprocess.Popen) -> dict:
 
 
 def start_all(root) -> list[subprocess.Popen]:
-    """Three processes at once (compilation is mostly single-threaded): one device, and two groups of
-    8-device meshes; the resumed run comes after the runs it shares compiled steps with (persistent
-    compilation cache). conftest.py starts them as soon as this module is collected, so they run
-    beside the rest of the suite."""
-    procs = [start_mesh_runs(os.path.join(root, "one"), {"one": "data=1"}, devices=1)]
-    procs += [start_mesh_runs(os.path.join(root, str(i)), {k: MESHES[k] for k in group}, devices=8)
-              for i, group in enumerate(GROUPS)]
-    return procs
+    """Two processes at once (compilation is mostly single-threaded), each a group of 8-device meshes; the
+    resumed run comes after the runs it shares compiled steps with (persistent compilation cache).
+    conftest.py starts them as soon as this module is collected, so they run beside the rest of the
+    suite. The single-device run they are compared with is the multi-process check's `one`."""
+    return [start_mesh_runs(os.path.join(root, str(i)), {k: MESHES[k] for k in group}, devices=8)
+            for i, group in enumerate(GROUPS)]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,14 @@ def runs(tmp_path_factory):
     out: dict = {}
     for proc in procs:
         out.update(results(proc))
+    one = multihost_results()["one"]["losses"]  # the same 10 steps of configs/tiny.py, by train.py on one device
+    out["one"] = {"losses": [one[str(step)] for step in range(1, 11)]}
     return out
+
+
+@functools.cache
+def multihost_results() -> dict:
+    return check_results("multihost_runs")
 
 
 @pytest.mark.parametrize("name", list(MESHES))
@@ -127,3 +133,21 @@ def test_expert_parallel_moe_equals_one_device():
     for platform in ("cuda", "tpu"):  # two exchanges and the return; their transposes in the gradient
         assert result["ragged_all_to_all_lowered"][f"{platform} forward"] == 3, result
         assert result["ragged_all_to_all_lowered"][f"{platform} gradient"] >= 5, result
+
+
+def test_two_processes_give_the_single_device_losses():
+    """train.py as 2 processes x 4 CPU devices (local coordinator, gloo; mesh fsdp=4 x sequence=2 across
+    both, each process reading half of every batch, both writing the checkpoint) trains 10 steps with one
+    device's losses; a checkpoint written by 2 processes resumes in 1, and one written by 1 in 2, with the
+    uninterrupted run's losses."""
+    result = multihost_results()
+    steps = [str(s) for s in range(1, 11)]
+    assert sorted(result["one"]["losses"], key=int) == steps
+    one = [result["one"]["losses"][s] for s in steps]
+    for name, processes, resumed in (("one", 1, []), ("two", 2, []), ("two_to_one", 1, ["5"]),
+                                     ("one_to_two", 2, ["5"])):
+        run = result[name]
+        assert run["exit_codes"] == [0] * processes, (name, run["console_tail"])
+        assert run["resumed_from"] == resumed, name  # the first process says so; the losses alone could not tell
+        assert run["checkpoints"] == ["10", "5"], (name, run["checkpoints"])
+        np.testing.assert_allclose([run["losses"][s] for s in steps], one, rtol=1e-5, err_msg=name)

@@ -26,19 +26,39 @@ from nemojax.scan_layers import is_stacked, to_layout
 
 class _IteratorSnapshot:
     """The grain iterator state at save time. Saving happens in the background, and the live iterator
-    moves on meanwhile; grain's handler stores this frozen copy (and restores into it)."""
+    moves on meanwhile; grain's handler stores this frozen copy (`iterator_state` reads it back)."""
 
-    def __init__(self, state: dict | None = None):
+    def __init__(self, state: dict):
         self.state = state
 
     def get_state(self) -> bytes:
         return json.dumps(self.state).encode()
 
-    def set_state(self, state: bytes) -> None:
-        self.state = json.loads(state)
-
     def start_prefetch(self) -> None:
         pass
+
+
+def iterator_state(data_dir: str) -> dict:
+    """This process's data iterator state from a checkpoint's `data` item (grain writes one
+    `process_{i}-of-{n}.json` per process). Written by another number of processes, the state is
+    taken when every process's is the same: the pipeline (`nemojax.data.pipeline.batches`) shuffles
+    before splitting batches over hosts, so "n batches read" means the same global position for any
+    host count."""
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if os.path.exists(own):
+        with open(own) as f:
+            return json.load(f)
+    files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
+    states = []
+    for name in files:
+        with open(os.path.join(data_dir, name)) as f:
+            states.append(json.load(f))
+    if not states:
+        raise ValueError(f"{data_dir}: no data iterator state (process_*-of-*.json)")
+    if any(state != states[0] for state in states):
+        raise ValueError(f"{data_dir}: written by {len(states)} processes whose data iterators stand at different "
+                         f"places ({states}); resume it with {len(states)} processes")
+    return states[0]
 
 
 class TrainCheckpoints:
@@ -66,12 +86,17 @@ class TrainCheckpoints:
     def move_aside(self, step: int) -> str:
         """Move a step that cannot be restored to WORKDIR/corrupt_checkpoints/ (kept, never deleted)."""
         aside = os.path.join(os.path.dirname(str(self.manager.directory)), "corrupt_checkpoints")
-        os.makedirs(aside, exist_ok=True)
         target = os.path.join(aside, str(step))
         suffix = 1
         while os.path.exists(target):
             target, suffix = os.path.join(aside, f"{step}.{suffix}"), suffix + 1
-        os.rename(self.path(step), target)
+        if jax.process_index() == 0:  # one process moves it; the others wait until it has
+            os.makedirs(aside, exist_ok=True)
+            os.rename(self.path(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
         self.manager.reload()
         return target
 
@@ -100,13 +125,12 @@ class TrainCheckpoints:
             params=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
             meta=ocp.args.JsonRestore(),
-            data=grain.checkpoint.CheckpointRestore(_IteratorSnapshot()),
         ))
         meta = restored["meta"]
         rng = jax.random.wrap_key_data(jax.numpy.asarray(meta["rng"], jax.numpy.uint32))
         state = abstract_state._replace(step=jax.numpy.asarray(meta["step"], jax.numpy.int32),
                                         params=restored["params"], opt_state=restored["opt_state"])
-        return state, rng, restored["data"].state
+        return state, rng, iterator_state(os.path.join(step_dir, "data"))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
