@@ -26,7 +26,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", SEQUENCE_AXIS),  # context parallelism: each device holds a contiguous span of the sequence
     ("act_embed", None),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", SEQUENCE_AXIS)),  # sequence shards also split the weights, as in MaxText: one long
+    #                                     sequence (batch 1) leaves fsdp at 1, and its devices need the room
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -45,3 +45,38 @@ def test_plan_for_released_models(config, mesh, devices, billions, memory, verdi
     total_gib = float(re.search(rf"total ([\d.]+) GiB per device: {verdict} in {memory} GiB", out).group(1))
     assert total_gib == pytest.approx(gib(out, "parameters") + gib(out, "optimizer state") + gib(out, "gradients"),
                                       abs=0.02)
+
+
+def test_find_mesh_takes_the_smallest_slice_that_fits(monkeypatch):
+    """The search over slices for one 1M-token Nemotron 3 Nano sequence: the candidate meshes (batch 1:
+    no fsdp; tensor 1 or 2, as the 2 KV heads allow; the rest on sequence), and the first slice, smallest
+    first, whose plan fits, skipping meshes whose weights alone do not and compiling at most 2 per slice.
+    The plans are stand-ins (memory falling as 1/devices), so the search is checked without compiling."""
+    import math
+
+    from configs import nemotron_3_nano_30b_a3b as nano
+    from nemojax import plan as planning
+
+    config = nano.get_config()
+    config.seq_len, config.batch_size = 2**20, 1
+    assert planning.candidate_meshes(config, 64) == [
+        {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, "sequence": 64},
+        {"data": 1, "fsdp": 1, "tensor": 2, "expert": 1, "sequence": 32}]
+    assert planning.candidate_meshes(config, 4096) == []  # spans of 256 or 512 tokens: under 1024
+
+    gib, compiled = planning.GIB, []
+
+    def stand_in(trial, compile_step=True, fit=False, devices=None):
+        n = math.prod(trial.mesh[a] for a in ("data", "fsdp", "tensor", "expert", "sequence"))
+        result = {"params_bytes": 700 * gib / n, "optimizer_bytes": 0, "gradient_bytes": 0, "mesh": dict(trial.mesh)}
+        if compile_step:
+            assert fit
+            compiled.append(dict(trial.mesh))
+            result["peak_bytes"] = result["params_bytes"] + 4000 * gib / n * (1.5 if trial.mesh.tensor == 2 else 1)
+        return result
+
+    monkeypatch.setattr(planning, "plan", stand_in)
+    found = planning.find_mesh(config, [8, 16, 32, 64, 128], device_memory_gib=80, log=lambda line: None)
+    assert found["mesh"]["sequence"] == 64 and found["mesh"]["tensor"] == 1  # (700 + 4000) / 64 = 73.4 GiB
+    # 8 devices: the weights alone (87.5 GiB) do not fit, nothing compiles; 16 and 32: both meshes compile.
+    assert [math.prod(m.values()) for m in compiled] == [16, 16, 32, 32, 64]

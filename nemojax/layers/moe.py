@@ -9,6 +9,7 @@ Experts run dropless: assignments are sorted by expert and multiplied group by g
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -21,7 +22,7 @@ from nemojax.config import ModelConfig
 from nemojax.layers.common import Gemm, Gemms, normal, param, projection
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.ops.platform import target_backend
-from nemojax.sharding import BATCH_AXES, EXPERT_AXIS, expert_axis_size
+from nemojax.sharding import BATCH_AXES, EXPERT_AXIS, SEQUENCE_AXIS, expert_axis_size, sequence_axis_size
 
 
 def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
@@ -195,7 +196,12 @@ class MoE(nn.Module):
                            self.gemms.of(self, "fc1_latent_proj"))
         up = param(self, "experts_up", init, (e, m, f), ("experts", expert_in, "moe_mlp"), pdt)
         down = param(self, "experts_down", init, (e, f, m), ("experts", "moe_mlp", expert_in), pdt)
-        experts = expert_parallel_experts if expert_axis_size() > 1 else routed_experts
+        if expert_axis_size() > 1 or sequence_axis_size() > 1:
+            # Each device routes its own tokens: sorting all of them by expert would gather a
+            # sequence-sharded batch whole onto every device.
+            experts = functools.partial(expert_parallel_experts, batch_axes=(*BATCH_AXES, SEQUENCE_AXIS))
+        else:
+            experts = routed_experts
         expert_gemms = (self.gemms.of(self, "experts.up_proj"), self.gemms.of(self, "experts.down_proj"))
         y = experts(x, weights, expert_ids, up.astype(cdt), down.astype(cdt), expert_gemms).astype(cdt)
         if cfg.moe_latent_size:
