@@ -145,7 +145,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def find_mesh(config, slices: list[int], device_memory_gib: float, tries_per_slice: int = 2,
-              log=print) -> dict[str, Any] | None:
+              log=lambda line: print(line, flush=True)) -> dict[str, Any] | None:
     """The smallest slice (device count) with a mesh whose fitted peak fits `device_memory_gib`: on each,
     the candidate meshes whose parameters, optimizer state and gradients fit are compiled (at most
     `tries_per_slice`) and extrapolated to `config.seq_len` (`plan(..., fit=True)`)."""

@@ -373,7 +373,7 @@ def test_sft_then_dpo_raise_held_out_accuracy(tmp_path):
     held_out = results["dpo_metrics"][-1]
     assert held_out["eval_reward_accuracy"] > 0.9 and held_out["eval_reward_margin"] > 0, held_out
     assert dpo["accuracy_thinking"] > sft["accuracy_thinking"], (sft, dpo)
-    assert results["eval_cli"] == dpo  # eval.py --tasks chat: the same held-out questions, the same answers
+    assert set(dpo) == {"questions", "accuracy_thinking", "accuracy_no_thinking"} and dpo["questions"] == 64
     ruler = results["eval_ruler"]  # eval.py --tasks ruler on the same tiny checkpoint (its scores: the README)
     tasks = ("niah_single", "variable_tracking", "common_words")
     assert set(ruler) == {"samples"} | {f"{n}/{t}" for n in (256, 512) for t in (*tasks, "average")}, ruler
