@@ -22,7 +22,8 @@ from nemojax.config import ModelConfig
 from nemojax.layers.common import Gemm, Gemms, normal, param, projection
 from nemojax.layers.mlp import MLP, relu2
 from nemojax.ops.platform import target_backend
-from nemojax.sharding import BATCH_AXES, EXPERT_AXIS, SEQUENCE_AXIS, expert_axis_size, sequence_axis_size
+from nemojax.sharding import (BATCH_AXES, EXPERT_AXIS, LOGICAL_RULES, SEQUENCE_AXIS, expert_axis_size,
+                              sequence_axis_size)
 
 
 def route(cfg: ModelConfig, logits: Float[Array, "t e"], correction_bias: Float[Array, " e"]
@@ -78,7 +79,8 @@ RAGGED_EXCHANGE_BACKENDS = ("gpu", "tpu")  # where XLA implements `ragged_all_to
 def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"], expert_ids: Int[Array, "t k"],
                             up: Float[Array, "e d f"], down: Float[Array, "e f d"],
                             gemms: tuple[Gemm, Gemm] = (Gemm(), Gemm()), axis: str = EXPERT_AXIS,
-                            batch_axes: tuple[str, ...] = BATCH_AXES) -> Float[Array, "t d"]:
+                            batch_axes: tuple[str, ...] = BATCH_AXES,
+                            weight_axes: tuple[tuple, tuple] | None = None) -> Float[Array, "t d"]:
     """`routed_experts` with the experts split over mesh axis `axis` (inside a mesh context): each
     device sends every (token, slot) assignment to the device holding its expert, runs only its own
     experts on what it receives, and sends the results back. Dropless either way:
@@ -88,10 +90,15 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
       send buffer has room for all of a device's assignments: memory and traffic, not exactness.
     The receive buffer holds `devices` x the local assignments either way (the worst case: every
     assignment in the mesh choosing this device's experts).
+
+    `weight_axes`: the logical axes of `up` and `down`. Given, the weights enter split as the rules say and
+    each device all-gathers its experts' other dimensions inside, so their gradients leave reduce-scattered
+    (entering replicated, they would come back as whole, summed copies on every device).
     """
     ragged = target_backend() in RAGGED_EXCHANGE_BACKENDS
 
     def local(x, weights, expert_ids, up, down):
+        up, down = (_gathered_beyond_experts(w, spec) for w, spec in ((up, up_spec), (down, down_spec)))
         devices, experts_here = jax.lax.axis_size(axis), up.shape[0]
         flat_ids = expert_ids.reshape(-1)
         destination = flat_ids // experts_here
@@ -114,9 +121,22 @@ def expert_parallel_experts(x: Float[Array, "t d"], weights: Float[Array, "t k"]
     # Tokens stay where the batch sharding put them (split over every data-parallel axis); each device
     # gathers its experts' weights whole (FSDP / tensor shards) at the boundary.
     P = jax.sharding.PartitionSpec
-    tokens, experts = P(batch_axes), P(axis)
-    return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts, experts), out_specs=tokens)(
-        x, weights, expert_ids, up, down)
+    tokens = P(batch_axes)
+    if weight_axes is None:
+        up_spec = down_spec = P(axis)
+    else:
+        up_spec, down_spec = (nn.logical_to_mesh_axes(axes, LOGICAL_RULES) for axes in weight_axes)
+    return jax.shard_map(local, in_specs=(tokens, tokens, tokens, up_spec, down_spec), out_specs=tokens,
+                         check_vma=False)(x, weights, expert_ids, up, down)
+
+
+def _gathered_beyond_experts(w: jax.Array, spec) -> jax.Array:
+    """A device's experts' weights whole: every dimension but the first (experts) all-gathered over the
+    mesh axes `spec` splits it on."""
+    for dim, axes in enumerate(spec):
+        if dim > 0 and axes is not None:
+            w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+    return w
 
 
 class _Exchange(NamedTuple):
@@ -199,7 +219,9 @@ class MoE(nn.Module):
         if expert_axis_size() > 1 or sequence_axis_size() > 1:
             # Each device routes its own tokens: sorting all of them by expert would gather a
             # sequence-sharded batch whole onto every device.
-            experts = functools.partial(expert_parallel_experts, batch_axes=(*BATCH_AXES, SEQUENCE_AXIS))
+            experts = functools.partial(expert_parallel_experts, batch_axes=(*BATCH_AXES, SEQUENCE_AXIS),
+                                        weight_axes=(("experts", expert_in, "moe_mlp"),
+                                                     ("experts", "moe_mlp", expert_in)))
         else:
             experts = routed_experts
         expert_gemms = (self.gemms.of(self, "experts.up_proj"), self.gemms.of(self, "experts.down_proj"))
