@@ -35,6 +35,7 @@ _COMPILE = flags.DEFINE_bool("compile", True, "compile the step for XLA's memory
 _FIT = flags.DEFINE_bool("fit", False, "long sequences: compile at two short lengths and extrapolate linearly")
 _FIND_MESH = flags.DEFINE_list("find_mesh", [], "device counts (slices) to search, smallest first, for a mesh that "
                                "fits config.seq_len; e.g. 8,16,32,64,128,256")
+_TRIES = flags.DEFINE_integer("tries_per_slice", 2, "find_mesh: meshes compiled per slice at most")
 flags.mark_flags_as_required(["config"])
 
 GIB = 2**30
@@ -222,7 +223,7 @@ def main(argv: list[str]) -> None:
 
     try:
         if _FIND_MESH.value:
-            result = find_mesh(config, sorted(int(n) for n in _FIND_MESH.value), _MEMORY.value)
+            result = find_mesh(config, sorted(int(n) for n in _FIND_MESH.value), _MEMORY.value, _TRIES.value)
             if result is None:
                 print(f"no mesh of {', '.join(_FIND_MESH.value)} devices fits {config.seq_len} tokens in "
                       f"{_MEMORY.value:g} GiB per device")
