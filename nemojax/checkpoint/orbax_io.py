@@ -94,9 +94,7 @@ class TrainCheckpoints:
             os.makedirs(aside, exist_ok=True)
             os.rename(self.path(step), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+            ocp.multihost.sync_global_processes(f"nemojax: moved aside checkpoint {step}", timeout=600)
         self.manager.reload()
         return target
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from nemojax.checkpoint.hf import error_summary
 from nemojax.checkpoint.loading import abstract_params, load_checkpoint_params, read_checkpoint_config
@@ -253,6 +254,16 @@ class Trainer:
         check_same_architecture(source, read_checkpoint_config(source), self.cfg)
         return load_checkpoint_params(source, self.cfg, self.abstract_params)
 
+    def _compiled(self, step_fn, state: TrainState, batch: dict):
+        """The step compiled before its first run. Several processes then wait for each other at the
+        coordination service's barrier: a process still compiling would otherwise leave the other's first
+        collectives waiting, and gloo gives a new communicator 30 s."""
+        with jax.set_mesh(self.mesh):
+            compiled = step_fn.lower(state, batch, *self.frozen).compile()
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("nemojax: train step compiled", timeout=3600)
+        return compiled
+
     def _start(self) -> tuple[TrainState, jax.Array]:
         """Resume from the newest checkpoint that restores (the ones that do not are moved aside), else
         start from init_from or a fresh initialisation."""
@@ -333,6 +344,8 @@ class Trainer:
         try:
             for step in range(start + 1, config.total_steps + 1):
                 batch = self._device_batch(next(self.iterator))
+                if step == start + 1:
+                    step_fn = self._compiled(step_fn, state, batch)
                 with jax.set_mesh(self.mesh):
                     state, metrics = step_fn(state, batch, *self.frozen)
                 log.add(step, metrics)
