@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 # The in-process tests compile hundreds of small programs and run each once or twice: LLVM's optimisation
 # passes cost more than they save there (their CPU time halves at level 0). XLA_FLAGS is read when JAX
@@ -101,7 +99,6 @@ def token_batch():
 
 
 # ----- long subprocess jobs started early, so they run beside the rest of the suite ----------------
-BACKGROUND: dict = {}
 BACKGROUND_CHECKS = {  # tests/fixtures script -> the test that reads its results
     "sharded_kernel_check": "tests/test_pallas.py::test_kernels_run_per_shard",
     "expert_parallel_check": "tests/test_sharding.py::test_expert_parallel_moe",
@@ -109,52 +106,64 @@ BACKGROUND_CHECKS = {  # tests/fixtures script -> the test that reads its result
     "sequence_parallel_check": "tests/test_sequence_parallel.py::test_sequence_sharded_op_equals_the_unsharded_one",
     "multihost_runs": "tests/test_sharding.py::test_two_processes_give_the_single_device_losses",
 }
-_BACKGROUND_DIRS: list[str] = []
+
+
+def start_jobs(selected: list[str]) -> None:
+    """The subprocess jobs the selected tests read (tests/background.py): the README's training run, the
+    post-training chain after it, the tiny MTP model's run, and the 8-device runs (the BACKGROUND_CHECKS
+    scripts and test_sharding.py's meshes). Started at collection, they run on the core time the in-process
+    tests leave."""
+    from tests.test_sharding import start_check
+
+    def wanted(prefix: str) -> bool:
+        return any(nodeid.startswith(prefix) for nodeid in selected)
+
+    posttrain = wanted("tests/test_posttrain.py::test_sft_then_dpo_raise_held_out_accuracy")
+    if wanted("tests/test_train.py::test_readme_default_run_halves_its_loss") or posttrain:
+        from tests.test_train import start_readme_run
+
+        readme = start_readme_run()
+        if posttrain:  # (it waits for the README run's last checkpoint)
+            from tests.test_posttrain import start_posttrain_chain
+
+            start_posttrain_chain(readme.attrs["workdir"])
+    if wanted("tests/test_mtp.py::test_t"):  # the trained-MTP tests
+        from tests.test_mtp import start_tiny_mtp_run
+
+        start_tiny_mtp_run()
+    for script, test in BACKGROUND_CHECKS.items():
+        if wanted(test):
+            start_check(script)
+    if wanted("tests/test_sharding.py::test_mesh"):
+        from tests.test_sharding import start_all
+
+        start_all()
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller or the one pytest process: workers inherit it
+        from tests import background
+
+        background.directory()
 
 
 def pytest_collection_finish(session):
-    """Subprocess jobs: the 8-device runs (test_sharding.py's meshes, ~1.5 minutes of mostly
-    single-threaded compilation, and the BACKGROUND_CHECKS scripts), the README's training run and the
-    tiny MTP model's: start them now, on the CPU core the in-process tests leave idle."""
-    from tests.test_sharding import start_check
+    if not hasattr(session.config, "workerinput") and not session.config.option.collectonly:  # (xdist: below)
+        start_jobs([item.nodeid for item in session.items])
 
-    selected = [item.nodeid for item in session.items]
-    for script, test in BACKGROUND_CHECKS.items():
-        if any(nodeid.startswith(test) for nodeid in selected):
-            BACKGROUND[script] = [start_check(script)]
-    if "tests/test_train.py::test_readme_default_run_halves_its_loss" in selected:
-        from tests.test_train import start_readme_run
 
-        root = tempfile.mkdtemp(prefix="nemojax-readme-")
-        _BACKGROUND_DIRS.append(root)
-        BACKGROUND["readme_run"] = [start_readme_run(root)]
-    if "tests/test_posttrain.py::test_sft_then_dpo_raise_held_out_accuracy" in selected:
-        from tests.test_posttrain import start_posttrain_chain
-        from tests.test_train import start_readme_run
+_XDIST_COLLECTED: list = []
 
-        root = tempfile.mkdtemp(prefix="nemojax-posttrain-")
-        _BACKGROUND_DIRS.append(root)
-        pretraining = (BACKGROUND.get("readme_run") or [None])[0]
-        if pretraining is None:
-            BACKGROUND["posttrain_pretraining"] = [pretraining := start_readme_run(root)]
-        BACKGROUND["posttrain_chain"] = [start_posttrain_chain(root, pretraining.workdir)]
-    if any(nodeid.startswith("tests/test_mtp.py::test_t") for nodeid in selected):  # the trained-MTP tests
-        from tests.test_mtp import start_tiny_mtp_run
 
-        root = tempfile.mkdtemp(prefix="nemojax-tiny-mtp-")
-        _BACKGROUND_DIRS.append(root)
-        BACKGROUND["tiny_mtp_run"] = [start_tiny_mtp_run(root)]
-    if any(nodeid.startswith("tests/test_sharding.py::test_mesh") for nodeid in selected):
-        from tests.test_sharding import start_all
-
-        root = tempfile.mkdtemp(prefix="nemojax-meshes-")
-        _BACKGROUND_DIRS.append(root)
-        BACKGROUND["mesh_runs"] = start_all(root)
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under pytest-xdist: every worker collects the same tests; the controller starts the jobs once."""
+    if not _XDIST_COLLECTED and not node.config.option.collectonly:
+        _XDIST_COLLECTED.append(node)
+        start_jobs(list(ids))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for procs in BACKGROUND.values():
-        for proc in procs:
-            proc.kill()
-    for root in _BACKGROUND_DIRS:
-        shutil.rmtree(root, ignore_errors=True)
+    from tests import background
+
+    background.finish()

@@ -16,6 +16,7 @@ from nemojax import ModelConfig, NemotronH, generate
 from nemojax.blocks import hf_table
 from nemojax.checkpoint.hf import CheckpointError, SafetensorsCheckpoint, load_hf
 from nemojax.train.step import TrainState, loss_and_stats, mtp_target_counts, train_step
+from tests import background
 from tests.conftest import BASE, MOE
 
 EPS = BASE["layer_norm_epsilon"]
@@ -301,30 +302,26 @@ def test_greedy_speculation_returns_plain_greedy_tokens(random_mtp_models, kind,
     assert len(stats.accepted) == k + 1 and stats.accepted[0] > 0  # random drafts: rejected at the first
 
 
-def start_tiny_mtp_run(root: str):
+def start_tiny_mtp_run() -> background.Job:
     """configs/tiny_mtp.py trained briefly by train.py (conftest.py starts it at collection)."""
-    from tests.test_train import REPO, subprocess_env, train_cli
+    from tests.test_train import REPO, subprocess_env, train_command
 
-    workdir, console = os.path.join(root, "run"), os.path.join(root, "console.txt")
-    with open(console, "w") as output:
-        proc = train_cli(workdir, "--config.total_steps=300", "--config.eval_every=0",
-                         "--config.checkpoint_every=300", config=os.path.join(REPO, "configs", "tiny_mtp.py"),
-                         env=subprocess_env(compilation_cache=False), output=output)
-    proc.workdir, proc.console = workdir, console
-    return proc
+    workdir = os.path.join(background.workspace("tiny_mtp_run"), "run")
+    return background.launch("tiny_mtp_run", train_command(
+        workdir, "--config.total_steps=150", "--config.eval_every=0", "--config.checkpoint_every=150",
+        config=os.path.join(REPO, "configs", "tiny_mtp.py")), subprocess_env(compilation_cache=False), workdir=workdir)
 
 
 @pytest.fixture(scope="module")
-def trained_mtp(tmp_path_factory):
+def trained_mtp():
     """The tiny MTP model (its metrics name every MTP depth)."""
     from nemojax.checkpoint.loading import load_model
-    from tests.conftest import BACKGROUND
 
-    proc = (BACKGROUND.get("tiny_mtp_run") or [start_tiny_mtp_run(str(tmp_path_factory.mktemp("tiny_mtp")))])[0]
-    proc.wait(timeout=900)
-    assert proc.returncode == 0, open(proc.console).read()[-3000:]
-    records = [json.loads(line) for line in open(os.path.join(proc.workdir, "metrics.jsonl"))]
-    cfg, params, _ = load_model(proc.workdir)
+    job = background.job("tiny_mtp_run", start_tiny_mtp_run)
+    assert job.wait() == 0, job.output(tail=3000)
+    workdir = job.attrs["workdir"]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    cfg, params, _ = load_model(workdir)
     return cfg, params, records
 
 

@@ -19,6 +19,7 @@ from nemojax.data.sources import DataError
 from nemojax.data.synthetic_chat import END_OF_TURN, TEMPLATE, conversation, pair
 from nemojax.model import NemotronH
 from nemojax.tokenizer import Tokenizer, from_file
+from tests import background
 from tests.conftest import BASE
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates")
@@ -334,37 +335,36 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def start_posttrain_chain(root: str, pretrained_workdir: str):
+def start_posttrain_chain(pretrained_workdir: str) -> background.Job:
     """tests/fixtures/posttrain_chain.py: SFT then DPO from the README run's model (conftest.py starts
     it at collection; it waits for that run's last checkpoint)."""
-    import subprocess
     import sys
 
     from tests.test_train import REPO, subprocess_env
 
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", "posttrain_chain.py"), root,
-                             pretrained_workdir], cwd=REPO, env=subprocess_env(compilation_cache=False),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc.root = root
-    return proc
+    root = background.workspace("posttrain_chain")
+    return background.launch("posttrain_chain", [
+        sys.executable, os.path.join(REPO, "tests", "fixtures", "posttrain_chain.py"), root, pretrained_workdir],
+        subprocess_env(compilation_cache=False), root=root)
 
 
 @pytest.mark.slow
-def test_sft_then_dpo_raise_held_out_accuracy(tmp_path):
+def test_sft_then_dpo_raise_held_out_accuracy():
     """configs/sft_tiny.py from the README's pretrained tiny model, then configs/dpo_tiny.py from that:
     SFT teaches the chat format and answers (held-out accuracy, reasoning on and off, up from 0); DPO
     ranks right over wrong answers on held-out pairs (reward accuracy > 0.9) and answers better with
     reasoning on."""
-    from tests import conftest
     from tests.test_train import start_readme_run
 
-    proc = (conftest.BACKGROUND.get("posttrain_chain") or [None])[0]
-    if proc is None:
-        pretraining = start_readme_run(str(tmp_path))
-        proc = start_posttrain_chain(str(tmp_path), pretraining.workdir)
-    out, _ = proc.communicate(timeout=1500)
-    assert proc.returncode == 0, out[-3000:] + open(os.path.join(proc.root, "console.txt")).read()[-3000:]
-    with open(os.path.join(proc.root, "results.json")) as f:
+    def start():
+        return start_posttrain_chain(background.job("readme_run", start_readme_run).attrs["workdir"])
+
+    job = background.job("posttrain_chain", start)
+    root = job.attrs["root"]
+    console = os.path.join(root, "console.txt")  # the training runs' output
+    assert job.wait() == 0, job.output(tail=3000) + (
+        open(console).read()[-3000:] if os.path.exists(console) else "")
+    with open(os.path.join(root, "results.json")) as f:
         results = json.load(f)
     before, sft, dpo = results["pretrained"], results["sft"], results["dpo"]
     print({stage: results[stage] for stage in ("pretrained", "sft", "dpo")})

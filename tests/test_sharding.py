@@ -7,12 +7,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests import background
 from tests.test_train import REPO, subprocess_env
 
 MESHES = {
@@ -26,53 +26,47 @@ MESHES = {
 GROUPS = (["data8", "data2_fsdp2_expert2", "fsdp2_sequence4"], ["fsdp4_tensor2", "fsdp2_tensor2_expert2", "resumed"])
 
 
-def start_mesh_runs(workdir, runs: dict[str, str], devices: int) -> subprocess.Popen:
-    env = subprocess_env(devices=devices)
+def start_mesh_runs(name: str, runs: dict[str, str], devices: int) -> background.Job:
     script = os.path.join(REPO, "tests", "fixtures", "mesh_runs.py")
-    return subprocess.Popen([sys.executable, script, str(workdir), *(f"{k}:{v}" for k, v in runs.items())],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return background.launch(name, [sys.executable, script, background.workspace(name),
+                                    *(f"{k}:{v}" for k, v in runs.items())], subprocess_env(devices=devices))
 
 
-def start_check(name: str) -> subprocess.Popen:
+def start_check(name: str) -> background.Job:
     """tests/fixtures/<name>.py on 8 simulated devices, in the background; `results` collects it. Each
     check compiles its programs and runs them once: it keeps the suite's unoptimised compilation."""
     env = subprocess_env(devices=8, training=False)
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fixtures", f"{name}.py")], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return background.launch(name, [sys.executable, os.path.join(REPO, "tests", "fixtures", f"{name}.py")], env)
 
 
 def check_results(name: str) -> dict:
-    """The results of tests/fixtures/<name>.py: from its background run if conftest started one."""
-    from tests import conftest
-
-    proc = conftest.BACKGROUND.pop(name, [None])[0] or start_check(name)
-    return results(proc)
+    """The results of tests/fixtures/<name>.py: from its background run if the session started one."""
+    return results(background.job(name, lambda: start_check(name)))
 
 
-def results(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    [line] = [line for line in out.splitlines() if line.startswith("RESULTS ")]
+def results(job: background.Job) -> dict:
+    assert job.wait() == 0, job.output(tail=3000)
+    [line] = [line for line in job.stdout().splitlines() if line.startswith("RESULTS ")]
     return json.loads(line[len("RESULTS "):])
 
 
-def start_all(root) -> list[subprocess.Popen]:
+MESH_JOBS = [f"mesh_runs_{i}" for i in range(len(GROUPS))]
+
+
+def start_all() -> list[background.Job]:
     """Two processes at once (compilation is mostly single-threaded), each a group of 8-device meshes; the
     resumed run comes after the runs it shares compiled steps with (persistent compilation cache).
-    conftest.py starts them as soon as this module is collected, so they run beside the rest of the
-    suite. The single-device run they are compared with is the multi-process check's `one`."""
-    return [start_mesh_runs(os.path.join(root, str(i)), {k: MESHES[k] for k in group}, devices=8)
-            for i, group in enumerate(GROUPS)]
+    conftest.py starts them at collection, so they run beside the rest of the suite. The single-device run
+    they are compared with is the multi-process check's `one`."""
+    return [start_mesh_runs(name, {k: MESHES[k] for k in group}, devices=8) for name, group in zip(MESH_JOBS, GROUPS)]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from tests import conftest
-
-    procs = conftest.BACKGROUND.pop("mesh_runs", None) or start_all(tmp_path_factory.mktemp("meshes"))
+def runs():
+    jobs = [background.Job(name) for name in MESH_JOBS] if background.started(MESH_JOBS[0]) else start_all()
     out: dict = {}
-    for proc in procs:
-        out.update(results(proc))
+    for job in jobs:
+        out.update(results(job))
     one = multihost_results()["one"]["losses"]  # the same 10 steps of configs/tiny.py, by train.py on one device
     out["one"] = {"losses": [one[str(step)] for step in range(1, 11)]}
     return out

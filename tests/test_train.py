@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from nemojax.config import ModelConfig
+from tests import background
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = background.REPO
 MICRO = os.path.join(REPO, "tests", "fixtures", "micro.py")
 
 
@@ -51,10 +52,13 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def train_command(workdir, *flags, config=MICRO) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}", *flags]
+
+
 def train_cli(workdir, *flags, config=MICRO, env=None, output=subprocess.PIPE):
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={config}", f"--workdir={workdir}", *flags]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
-                            env=env or subprocess_env())
+    return subprocess.Popen(train_command(workdir, *flags, config=config), cwd=REPO, stdout=output,
+                            stderr=subprocess.STDOUT, text=True, env=env or subprocess_env())
 
 
 def subprocess_env(compilation_cache=True, devices=1, training=True):
@@ -389,27 +393,19 @@ def test_determinism_and_exact_resume_after_sigkill_and_sigterm(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def start_readme_run(root: str) -> subprocess.Popen:
-    """The README's first command, its console output in ROOT/console.txt (conftest.py starts it at
-    collection, beside the rest of the suite)."""
-    workdir = os.path.join(root, "tiny")
-    with open(os.path.join(root, "console.txt"), "w") as console:
-        proc = train_cli(workdir, config=os.path.join(REPO, "configs", "tiny.py"),
-                         env=subprocess_env(compilation_cache=False), output=console)
-    proc.workdir = workdir
-    return proc
+def start_readme_run() -> background.Job:
+    """The README's first command (conftest.py starts it at collection, beside the rest of the suite)."""
+    workdir = os.path.join(background.workspace("readme_run"), "tiny")
+    return background.launch("readme_run", train_command(workdir, config=os.path.join(REPO, "configs", "tiny.py")),
+                             subprocess_env(compilation_cache=False), workdir=workdir)
 
 
-def test_readme_default_run_halves_its_loss(tmp_path):
+def test_readme_default_run_halves_its_loss():
     """The README's first command: the tiny hybrid on the synthetic language, default settings, cold
     compilation cache. (Its wall time, under 3 minutes on 2 cores, is reported by the run, not asserted.)"""
-    from tests import conftest
-
-    proc = conftest.BACKGROUND.pop("readme_run", [None])[0] or start_readme_run(str(tmp_path))
-    proc.wait(timeout=900)
-    console = open(os.path.join(os.path.dirname(proc.workdir), "console.txt")).read()
-    assert proc.returncode == 0, console[-3000:]
-    records = read_metrics(proc.workdir)
+    job = background.job("readme_run", start_readme_run)
+    assert job.wait() == 0, job.output(tail=3000)
+    records = read_metrics(job.attrs["workdir"])
     assert records[0]["step"] == 1 and records[-1]["step"] == 600
     assert records[-1]["loss"] <= records[0]["loss"] / 2, (records[0], records[-1])
     assert 0.0 <= records[-1]["recall_accuracy"] <= 1.0 and records[-1]["eval_loss"] < records[0]["loss"] / 2
