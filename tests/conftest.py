@@ -118,15 +118,14 @@ def start_jobs(selected: list[str]) -> None:
     def wanted(prefix: str) -> bool:
         return any(nodeid.startswith(prefix) for nodeid in selected)
 
-    posttrain = wanted("tests/test_posttrain.py::test_sft_then_dpo_raise_held_out_accuracy")
-    if wanted("tests/test_train.py::test_readme_default_run_halves_its_loss") or posttrain:
+    if wanted("tests/test_train.py::test_readme_default_run_halves_its_loss"):
         from tests.test_train import start_readme_run
 
-        readme = start_readme_run()
-        if posttrain:  # (it waits for the README run's last checkpoint)
-            from tests.test_posttrain import start_posttrain_chain
+        start_readme_run()
+    if wanted("tests/test_posttrain.py::test_sft_then_dpo_raise_held_out_accuracy"):
+        from tests.test_posttrain import start_posttrain_chain
 
-            start_posttrain_chain(readme.attrs["workdir"])
+        start_posttrain_chain()  # (after the README run, whose last checkpoint it waits for)
     if wanted("tests/test_mtp.py::test_t"):  # the trained-MTP tests
         from tests.test_mtp import start_tiny_mtp_run
 

@@ -335,16 +335,17 @@ def test_sft_resumes_exactly_after_sigkill(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def start_posttrain_chain(pretrained_workdir: str) -> background.Job:
+def start_posttrain_chain() -> background.Job:
     """tests/fixtures/posttrain_chain.py: SFT then DPO from the README run's model (conftest.py starts
-    it at collection; it waits for that run's last checkpoint)."""
+    it at collection; it waits for that run's last checkpoint, and starts that run if nothing has)."""
     import sys
 
-    from tests.test_train import REPO, subprocess_env
+    from tests.test_train import REPO, start_readme_run, subprocess_env
 
+    pretrained = background.job("readme_run", start_readme_run).attrs["workdir"]
     root = background.workspace("posttrain_chain")
     return background.launch("posttrain_chain", [
-        sys.executable, os.path.join(REPO, "tests", "fixtures", "posttrain_chain.py"), root, pretrained_workdir],
+        sys.executable, os.path.join(REPO, "tests", "fixtures", "posttrain_chain.py"), root, pretrained],
         subprocess_env(compilation_cache=False), root=root)
 
 
@@ -354,12 +355,7 @@ def test_sft_then_dpo_raise_held_out_accuracy():
     SFT teaches the chat format and answers (held-out accuracy, reasoning on and off, up from 0); DPO
     ranks right over wrong answers on held-out pairs (reward accuracy > 0.9) and answers better with
     reasoning on."""
-    from tests.test_train import start_readme_run
-
-    def start():
-        return start_posttrain_chain(background.job("readme_run", start_readme_run).attrs["workdir"])
-
-    job = background.job("posttrain_chain", start)
+    job = background.job("posttrain_chain", start_posttrain_chain)
     root = job.attrs["root"]
     console = os.path.join(root, "console.txt")  # the training runs' output
     assert job.wait() == 0, job.output(tail=3000) + (
